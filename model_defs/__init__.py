@@ -1,0 +1,2 @@
+"""Our model definitions; importing this package registers them in timm's model registry."""
+from .resnet_custom import CustomBottleneck, CustomResNet

@@ -1,0 +1,185 @@
+"""ResNet-50 v1.5, as the course project defined it, registered in timm as `resnet50_custom`.
+
+ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385) in the "v1.5" form that torchvision and NVIDIA train:
+the stride-2 of each downsampling bottleneck sits on the 3x3 conv, not the first 1x1. Additions used by modern
+recipes: stochastic depth (Huang et al. 2016, https://arxiv.org/abs/1603.09382) rising linearly over the blocks,
+dropout before the classifier, and a zero-initialised last BN gamma in each block (Goyal et al. 2017,
+https://arxiv.org/abs/1706.02677).
+
+Parameter names match torchvision's `resnet50`, so its state dicts load unchanged.
+"""
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+
+__all__ = ['CustomResNet', 'CustomBottleneck']
+
+
+class CustomBottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand; a projection shortcut where the shape changes."""
+    expansion = 4
+
+    def __init__(self, in_chs: int, width: int, stride: int = 1, drop_path_rate: float = 0.):
+        super().__init__()
+        out_chs = width * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_chs, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
+        self.downsample = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_chs),
+            )
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))
+        return self.relu(self.drop_path(x) + shortcut)
+
+
+class CustomResNet(nn.Module):
+    """ResNet with bottleneck blocks, v1.5 strides, stochastic depth and timm's model contract."""
+
+    def __init__(
+            self,
+            layers: tuple = (3, 4, 6, 3),
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+        # stem: 7x7/2 conv and 3x3/2 max pool
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act1 = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
+
+        # stages: widths 64-512, stride 2 from the second stage on; drop path rises linearly from 0 on the
+        # first block to drop_path_rate on the last
+        num_blocks = sum(layers)
+        block_idx = 0
+        in_chs = 64
+        reduction = 4
+        for stage_idx, (depth, width) in enumerate(zip(layers, (64, 128, 256, 512))):
+            stride = 1 if stage_idx == 0 else 2
+            reduction *= stride
+            blocks = []
+            for i in range(depth):
+                rate = drop_path_rate * block_idx / max(num_blocks - 1, 1)
+                blocks.append(CustomBottleneck(in_chs, width, stride if i == 0 else 1, drop_path_rate=rate))
+                in_chs = width * CustomBottleneck.expansion
+                block_idx += 1
+            name = f'layer{stage_idx + 1}'
+            self.add_module(name, nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
+
+        # head: global pool, dropout, classifier
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = self._make_fc(num_classes)
+
+        self.init_weights(zero_init_last=zero_init_last)
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        in_features = self.num_features * self.global_pool.feat_mult()
+        return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, CustomBottleneck):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = self._make_fc(num_classes)
+
+    def stages(self) -> List[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages(), x, flatten=True)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_custom_resnet(variant: str, pretrained: bool = False, **kwargs) -> CustomResNet:
+    return build_model_with_cfg(CustomResNet, variant, pretrained, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet50_custom.untrained': _cfg(),
+})
+
+
+@register_model
+def resnet50_custom(pretrained: bool = False, **kwargs) -> CustomResNet:
+    """ResNet-50 v1.5 of the course project: bottleneck stages of 3, 4, 6, 3 blocks."""
+    return _create_custom_resnet('resnet50_custom', pretrained, layers=(3, 4, 6, 3), **kwargs)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny generated datasets and helpers that run train.py / validate.py in-process or as processes."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from training import builtin_data
+from training.reporting import read_summary
+
+REPO = Path(__file__).resolve().parent.parent
+
+# a few seconds per epoch on 2 CPU cores: 80 training images of 32 px, 5 steps of 16
+TINY = ['--img-size', '32', '--crop-pct', '1.0', '-b', '16', '--epochs', '2', '--device', 'cpu', '-j', '0',
+        '--opt', 'adamw', '--lr', '1.0e-3', '--weight-decay', '0.05', '--warmup-epochs', '0', '--log-interval', '1',
+        '--recovery-minutes', '0', '--model-ema', '--model-ema-decay', '0.8', '--scale', '0.5', '1.0']
+
+
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory) -> Path:
+    """10 classes, 8 training and 5 validation images each, 32 px."""
+    root = tmp_path_factory.mktemp('data') / 'shapes'
+    return builtin_data.generate(root, seed=0, train_per_class=8, val_per_class=5, image_size=32)
+
+
+def run_train(data: Path, output: Path, *args: str, experiment: str = 'run') -> int:
+    """train.py in this process; returns its exit code."""
+    return train.main(['--data-dir', str(data), '--output', str(output), '--experiment', experiment, *TINY, *args])
+
+
+def spawn_train(data: Path, output: Path, *args: str, experiment: str = 'run', env: dict = None) -> subprocess.Popen:
+    """train.py as a child process whose output (stdout + stderr) can be read line by line."""
+    command = [sys.executable, str(REPO / 'train.py'), '--data-dir', str(data), '--output', str(output),
+               '--experiment', experiment, *TINY, *args]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def summary(run_dir: Path) -> list:
+    return read_summary(run_dir / 'summary.csv')
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,115 @@
+import pytest
+import timm
+import torch
+import torchvision
+from timm.data import resolve_data_config
+
+import model_defs  # noqa: F401
+from model_defs import CustomBottleneck
+
+
+def test_registered_in_timm():
+    assert 'resnet50_custom' in timm.list_models()
+    assert isinstance(timm.create_model('resnet50_custom'), model_defs.CustomResNet)
+
+
+def test_parameter_count_matches_torchvision_resnet50():
+    ours = sum(p.numel() for p in timm.create_model('resnet50_custom').parameters())
+    theirs = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    assert ours == theirs == 25_557_032
+
+
+def test_loads_torchvision_weights_and_gives_the_same_outputs():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50()
+    with torch.no_grad():  # random BN statistics and affines, so that every part of the weights matters
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    ours = timm.create_model('resnet50_custom')
+    ours.load_state_dict(reference.state_dict())  # same names: strict load, no mapping
+    ours.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_v15_stride_sits_on_the_3x3_conv():
+    block = timm.create_model('resnet50_custom').layer2[0]
+    assert block.conv1.stride == (1, 1)
+    assert block.conv2.stride == (2, 2)
+    assert block.downsample[0].stride == (2, 2)
+
+
+def test_forward_backward_shapes_and_every_parameter_gets_a_gradient():
+    model = timm.create_model('resnet50_custom', num_classes=7, zero_init_last=False)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    out.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_zero_init_last_zeroes_each_blocks_last_bn_gamma():
+    model = timm.create_model('resnet50_custom')
+    blocks = [m for m in model.modules() if isinstance(m, CustomBottleneck)]
+    assert len(blocks) == 16
+    assert all(torch.all(b.bn3.weight == 0) for b in blocks)
+    other = timm.create_model('resnet50_custom', zero_init_last=False)
+    assert all(torch.all(b.bn3.weight == 1) for b in other.modules() if isinstance(b, CustomBottleneck))
+
+
+def test_pretrained_cfg_resolves_to_imagenet_preprocessing():
+    model = timm.create_model('resnet50_custom')
+    cfg = resolve_data_config(model=model)
+    assert cfg['input_size'] == (3, 224, 224)
+    assert cfg['crop_pct'] == 0.875
+    assert cfg['interpolation'] == 'bilinear'
+    assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
+    state = model.state_dict()
+    assert model.pretrained_cfg['num_classes'] == 1000
+    assert model.pretrained_cfg['first_conv'] + '.weight' in state
+    assert model.pretrained_cfg['classifier'] + '.weight' in state
+    assert model.get_classifier() is model.fc
+
+
+def test_drop_path_rises_linearly_and_acts_in_train_mode_only():
+    # zero_init_last off: with the residual branches zeroed, dropping them would change nothing
+    model = timm.create_model('resnet50_custom', num_classes=10, drop_path_rate=0.5, zero_init_last=False)
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for b in model.modules() if isinstance(b, CustomBottleneck)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.5)
+    assert all(later > earlier for earlier, later in zip(rates, rates[1:]))
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    plain = timm.create_model('resnet50_custom', num_classes=10, zero_init_last=False).train()
+    assert torch.allclose(plain(x), plain(x))
+
+
+def test_timm_model_contract():
+    model = timm.create_model('resnet50_custom', num_classes=10, in_chans=1, global_pool='avg').eval()
+    x = torch.randn(2, 1, 32, 32)
+    features = model.forward_features(x)
+    assert features.shape == (2, 2048, 1, 1) and model.num_features == 2048
+    assert model.forward_head(features, pre_logits=True).shape == (2, 2048)
+    model.set_grad_checkpointing(True)
+    assert torch.allclose(model.forward_features(x), features)
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
+    assert set(model.group_matcher()) == {'stem', 'blocks'}
+    backbone = timm.create_model('resnet50_custom', features_only=True)
+    maps = backbone(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [64, 256, 512, 1024, 2048]
+    assert backbone.feature_info.reduction() == [2, 4, 8, 16, 32]
+
+
+def test_drop_rate_applies_dropout_before_the_classifier():
+    model = timm.create_model('resnet50_custom', num_classes=10, drop_rate=0.9).train()
+    features = torch.ones(4, 2048, 1, 1)
+    assert not torch.allclose(model.forward_head(features), model.forward_head(features))

@@ -1,0 +1,41 @@
+import pytest
+
+from tools import sort_imagenet_val
+
+
+def make_flat_val(tmp_path, count=4):
+    val = tmp_path / 'val'
+    val.mkdir()
+    for i in range(1, count + 1):
+        (val / f'ILSVRC2012_val_{i:08d}.JPEG').write_bytes(b'jpeg')
+    return val
+
+
+def test_sorts_flat_val_with_kaggle_csv(tmp_path):
+    val = make_flat_val(tmp_path)
+    labels = tmp_path / 'LOC_val_solution.csv'
+    labels.write_text('ImageId,PredictionString\n'
+                      'ILSVRC2012_val_00000001,n01751748 1 2 3 4\nILSVRC2012_val_00000002,n09193705 5 6 7 8\n'
+                      'ILSVRC2012_val_00000003,n01751748 1 2 3 4 n01751748 5 6 7 8\n'
+                      'ILSVRC2012_val_00000004,n02105855 1 2 3 4\n')
+    assert sort_imagenet_val.main([str(val), str(labels)]) == 0
+    assert sorted(p.relative_to(val).as_posix() for p in val.rglob('*.JPEG')) == [
+        'n01751748/ILSVRC2012_val_00000001.JPEG', 'n01751748/ILSVRC2012_val_00000003.JPEG',
+        'n02105855/ILSVRC2012_val_00000004.JPEG', 'n09193705/ILSVRC2012_val_00000002.JPEG']
+
+
+def test_sorts_flat_val_with_synset_list(tmp_path):
+    val = make_flat_val(tmp_path, 3)
+    labels = tmp_path / 'synsets.txt'
+    labels.write_text('n01440764\nn01443537\nn01440764\n')
+    sort_imagenet_val.main([str(val), str(labels)])
+    assert len(list((val / 'n01440764').iterdir())) == 2 and len(list((val / 'n01443537').iterdir())) == 1
+
+
+def test_unlabelled_images_stop_before_moving_anything(tmp_path):
+    val = make_flat_val(tmp_path, 3)
+    labels = tmp_path / 'synsets.txt'
+    labels.write_text('n01440764\n')
+    with pytest.raises(SystemExit, match='2 images have no label'):
+        sort_imagenet_val.main([str(val), str(labels)])
+    assert len(list(val.glob('*.JPEG'))) == 3

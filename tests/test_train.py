@@ -1,0 +1,123 @@
+import hashlib
+import re
+
+import pytest
+import torch
+import yaml
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import train
+from training import builtin_data
+from training.config import parse_config
+from training.reporting import SUMMARY_COLUMNS, TIMING_COLUMNS
+
+from conftest import assert_same_weights, load, run_train, summary
+
+
+@pytest.fixture(scope='module')
+def two_epochs(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp('runs')
+    assert run_train(shapes, output) == 0
+    return output / 'run'
+
+
+def test_two_epochs_write_checkpoints_and_summary_rows(two_epochs):
+    names = {p.name for p in two_epochs.iterdir()}
+    assert {'last.pth.tar', 'previous.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar',
+            'checkpoint-1.pth.tar', 'config.yaml', 'log.txt', 'summary.csv'} <= names
+    rows = summary(two_epochs)
+    assert [r['epoch'] for r in rows] == [0, 1]
+    for row in rows:
+        assert all(row[c] is not None for c in SUMMARY_COLUMNS)
+        assert 0 <= row['val_top1'] <= row['val_top5'] <= 100
+    assert rows[1]['train_loss'] < rows[0]['train_loss']  # it learns
+    assert rows[1]['lr'] < rows[0]['lr']  # cosine, stepped every step
+
+
+def test_checkpoint_is_timm_layout_with_plain_config_and_distinct_ema(two_epochs):
+    state = load(two_epochs / 'last.pth.tar')  # weights_only=True: nothing pickled
+    assert state['arch'] == 'resnet50_custom' and state['epoch'] == 1 and state['version'] == 2
+    assert {'state_dict', 'state_dict_ema', 'optimizer', 'metric', 'saver', 'config', 'progress'} <= set(state)
+    assert state['config']['model'] == 'resnet50_custom' and state['config']['batch_size'] == 16
+    assert yaml.safe_load((two_epochs / 'config.yaml').read_text()) == state['config']
+    assert state['progress']['epoch'] == 2 and state['progress']['global_step'] == 10
+    raw, ema = state['state_dict'], state['state_dict_ema']
+    assert raw.keys() == ema.keys()
+    assert not torch.equal(raw['fc.weight'], ema['fc.weight'])
+    rows = summary(two_epochs)
+    assert state['metric'] == pytest.approx(max(rows[1]['val_top1'], rows[1]['ema_val_top1']))
+
+
+def test_log_has_step_lines_with_loss_lr_speed_data_wait_and_eta(two_epochs):
+    log = (two_epochs / 'log.txt').read_text()
+    steps = re.findall(r'epoch (\d+) step (\d+)/5  loss ([\d.]+)  lr ([\d.e-]+)  (\d+) img/s  data wait (\d+)%  '
+                       r'eta epoch \S+ run \S+', log)
+    assert len(steps) == 10
+    assert 'epoch 1 done' in log
+
+
+def test_saved_config_replays_the_same_run(two_epochs):
+    output = two_epochs.parent
+    assert train.main(['-c', str(two_epochs / 'config.yaml'), '--experiment', 'replay']) == 0
+    replay = output / 'replay'
+    for a, b in zip(summary(two_epochs), summary(replay), strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING_COLUMNS} == \
+               {k: v for k, v in b.items() if k not in TIMING_COLUMNS}
+    assert_same_weights(load(two_epochs / 'last.pth.tar')['state_dict'], load(replay / 'last.pth.tar')['state_dict'])
+
+
+def test_loss_follows_the_targets():
+    assert isinstance(train.build_loss(parse_config(['--mixup', '0.2']), mixing=True), SoftTargetCrossEntropy)
+    assert isinstance(train.build_loss(parse_config(['--smoothing', '0.1']), mixing=False),
+                      LabelSmoothingCrossEntropy)
+    assert isinstance(train.build_loss(parse_config(['--smoothing', '0']), mixing=False), torch.nn.CrossEntropyLoss)
+    assert train.build_mixup(parse_config([]), 10) is None
+    assert train.build_mixup(parse_config(['--cutmix', '1.0']), 10) is not None
+
+
+def test_mixing_path_trains_with_random_erasing_and_drop_path(shapes, tmp_path):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5',
+                     '--drop-path-rate', '0.1', '--color-jitter', '0.4', '0.4', '0.4', '0.1', '-j', '1') == 0
+    row = summary(tmp_path / 'run')[0]
+    assert 0 < row['train_loss'] < 10 and row['val_top1'] is not None
+
+
+def test_builtin_data_run_learns(tmp_path):
+    data = builtin_data.generate(tmp_path / 'shapes', seed=1, train_per_class=50, val_per_class=20, image_size=32)
+    rc = run_train(data, tmp_path, '--epochs', '8', '-b', '32', '--lr', '2.0e-3', '--warmup-epochs', '1',
+                   '--scale', '0.6', '1.0', '--color-jitter', '0.2', '-j', '1', '--no-model-ema',
+                   '--checkpoint-hist', '1', '--log-interval', '10')
+    assert rc == 0
+    rows = summary(tmp_path / 'run')
+    assert max(r['val_top1'] for r in rows) >= 45.0  # chance is 10%
+
+
+def test_nonfinite_loss_stops_and_leaves_the_last_good_checkpoint(shapes, tmp_path, capsys):
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    last = tmp_path / 'run' / 'last.pth.tar'
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    rc = run_train(shapes, tmp_path, '--epochs', '2', '--lr', '1.0e30', '--allow-config-change')
+    assert rc == 3
+    assert re.search(r'non-finite loss at epoch 1, step \d', capsys.readouterr().out)
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    assert not list((tmp_path / 'run').glob('recovery-*'))
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv('IMAGENET_DIR', raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(['--output', str(tmp_path), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ('train.py: error: no dataset at data/imagenet (set --data-dir or IMAGENET_DIR): expected '
+                   'data/imagenet/train/<synset>/*.JPEG and data/imagenet/val/<synset>/*.JPEG')
+    monkeypatch.setenv('IMAGENET_DIR', str(tmp_path / 'imagenet'))
+    assert train.main(['--output', str(tmp_path), '--device', 'cpu']) == 2
+    assert f'no dataset at {tmp_path}/imagenet' in capsys.readouterr().err
+
+
+def test_unwritable_output_fails_before_training(shapes, tmp_path, capsys):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    assert run_train(shapes, blocker) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'cannot write to the run folder' in err[0]

@@ -1,0 +1,102 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+import validate
+from training import builtin_data
+
+from conftest import load, run_train, summary
+
+
+@pytest.fixture(scope='module')
+def trained(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp('runs')
+    assert run_train(shapes, output) == 0
+    return output / 'run'
+
+
+def run_validate(*args: str) -> int:
+    return validate.main(['-j', '0', '--device', 'cpu', *args])
+
+
+def test_model_best_top1_equals_the_training_log(trained, tmp_path):
+    best = load(trained / 'model_best.pth.tar')
+    row = summary(trained)[best['epoch']]
+    results_file = tmp_path / 'results.json'
+    assert run_validate('--checkpoint', str(trained / 'model_best.pth.tar'), '--results-file', str(results_file)) == 0
+    results = json.loads(results_file.read_text())
+    logged = row['ema_val_top1'] if results['weights'] == 'ema' else row['val_top1']
+    assert results['weights'] == best['metric_weights']
+    assert results['top1'] == pytest.approx(logged, abs=0.01)
+    assert results['images'] == 50 and results['img_size'] == 32
+
+
+@pytest.mark.parametrize('weights, column', [('raw', 'val'), ('ema', 'ema_val')])
+def test_each_kind_of_weights_equals_its_logged_numbers(trained, tmp_path, weights, column):
+    out = tmp_path / 'r.json'
+    assert run_validate('--checkpoint', str(trained / 'last.pth.tar'), '--weights', weights,
+                        '--results-file', str(out)) == 0
+    results, row = json.loads(out.read_text()), summary(trained)[-1]
+    assert results['top1'] == pytest.approx(row[f'{column}_top1'], abs=0.01)
+    assert results['top5'] == pytest.approx(row[f'{column}_top5'], abs=0.01)
+    assert results['loss'] == pytest.approx(row[f'{column}_loss'], rel=1e-4)
+
+
+def test_plain_state_dict_with_model_name(trained, tmp_path, shapes, capsys):
+    plain = tmp_path / 'weights.pth'
+    torch.save(load(trained / 'last.pth.tar')['state_dict'], plain)
+    out = tmp_path / 'r.json'
+    assert run_validate('--checkpoint', str(plain), '--data-dir', str(shapes), '--img-size', '32', '--crop-pct', '1.0',
+                        '--results-file', str(out)) == 2
+    assert 'plain state dict: pass --model' in capsys.readouterr().err
+    assert run_validate('--checkpoint', str(plain), '--model', 'resnet50_custom', '--data-dir', str(shapes),
+                        '--img-size', '32', '--crop-pct', '1.0', '--results-file', str(out)) == 0
+    assert json.loads(out.read_text())['top1'] == pytest.approx(summary(trained)[-1]['val_top1'], abs=0.01)
+
+
+def test_flip_tta_runs_both_views(trained, tmp_path):
+    out = tmp_path / 'r.json'
+    assert run_validate('--checkpoint', str(trained / 'last.pth.tar'), '--tta', 'flip', '--results-file', str(out)) == 0
+    results = json.loads(out.read_text())
+    assert results['tta'] == 'flip' and results['images'] == 50
+
+
+def flat_folder(tmp_path, shapes):
+    """ImageNet's val as it comes out of the tar: images without class folders."""
+    flat = tmp_path / 'flat' / 'val'
+    flat.mkdir(parents=True)
+    for image in list((shapes / 'val').rglob('*.jpg'))[:6]:
+        shutil.copy(image, flat / f'{image.parent.name}_{image.name}')
+    return flat.parent
+
+
+def five_classes(tmp_path):
+    root = builtin_data.generate(tmp_path / 'five', train_per_class=1, val_per_class=2, image_size=32)
+    for name in builtin_data.CLASSES[5:]:
+        shutil.rmtree(root / 'val' / name)
+    return root
+
+
+@pytest.mark.parametrize('make_args, message', [
+    (lambda t, s, tmp: ['--checkpoint', str(tmp / 'missing.pth.tar')], 'checkpoint not found'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'config.yaml')], 'is not a PyTorch checkpoint'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--model', 'resnet18'],
+     'holds resnet50_custom, not resnet18'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(flat_folder(tmp, s))],
+     'holds images but no class folders'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(tmp / 'nowhere')],
+     'no validation split at'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--weights', 'best'], 'invalid choice'),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(trained, shapes, tmp_path, capsys, make_args, message):
+    assert run_validate(*make_args(trained, shapes, tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_class_count_mismatch_is_refused(trained, tmp_path, capsys):
+    data = five_classes(tmp_path)
+    assert run_validate('--checkpoint', str(trained / 'last.pth.tar'), '--data-dir', str(data)) == 2
+    assert 'has 5 class folders but the model predicts 10 classes' in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""What train.py and validate.py share: config, data, engine, checkpoint, distributed, reporting."""

@@ -1,0 +1,363 @@
+"""Recipe configuration: the option schema, YAML + command line parsing and validation, save and replay.
+
+A recipe is a YAML file whose keys are option names. Values resolve as defaults < recipe < command line, every
+value is converted to its option's type, and an unknown key or flag stops the run with the closest known name.
+"""
+import argparse
+import difflib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 2."""
+
+
+# value converters: each takes a YAML or command line value and returns it typed, or raises ValueError
+
+def number(value) -> float:
+    # PyYAML reads 1e-4 (no dot) as a string; accept it as the number it means
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError('expected a number')
+    try:
+        result = float(value)
+    except ValueError:
+        raise ValueError('expected a number') from None
+    if not math.isfinite(result):
+        raise ValueError('expected a finite number')
+    return result
+
+
+def integer(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError('expected an integer')
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError('expected an integer')
+        return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError('expected an integer') from None
+
+
+def text(value) -> str:
+    if isinstance(value, (list, dict)):
+        raise ValueError('expected a string')
+    return str(value)
+
+
+def flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ('true', 'yes', '1', 'false', 'no', '0'):
+        return value.lower() in ('true', 'yes', '1')
+    raise ValueError('expected true or false')
+
+
+def listof(convert: Callable, lengths: Optional[tuple] = None) -> Callable:
+    def convert_list(value) -> list:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if lengths and len(values) not in lengths:
+            raise ValueError(f"expected {' or '.join(map(str, lengths))} values, got {len(values)}")
+        return [convert(v) for v in values]
+    convert_list.__name__ = f'list of {convert.__name__}'
+    return convert_list
+
+
+def number_or_list(value):
+    """Colour jitter: one strength for brightness, contrast and saturation, or 3-4 values (the 4th is hue)."""
+    if isinstance(value, (list, tuple)) and len(value) != 1:
+        return listof(number, (3, 4))(value)
+    return number(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # YAML key and argparse destination
+    default: Any
+    convert: Callable
+    help: str
+    flags: tuple = ()  # short flags besides --name-with-dashes
+    choices: Optional[tuple] = None
+    optional: bool = False  # None (YAML null, 'none' on the command line) is a valid value
+    role: str = 'experiment'  # 'experiment': changing it changes results; 'run': how/where it runs; 'action'
+
+    @property
+    def flag(self) -> str:
+        return '--' + self.name.replace('_', '-')
+
+
+E, R, A = 'experiment', 'run', 'action'
+
+OPTIONS = (
+    # data
+    Option('data_dir', None, text, 'dataset root holding train/ and val/ (default: $IMAGENET_DIR, else data/imagenet)',
+           optional=True, role=R),
+    Option('dataset', '', text, "dataset type: '' for class folders, 'builtin' for the generated shapes, "
+                                "or a timm dataset name such as 'torch/cifar10'"),
+    Option('train_split', 'train', text, 'training split'),
+    Option('val_split', 'validation', text, "validation split ('validation' finds a val/ folder)"),
+    Option('num_classes', None, integer, 'number of classes (default: the number of class folders)', optional=True),
+    # model
+    Option('model', 'resnet50_custom', text, 'timm model name'),
+    Option('drop_rate', 0.0, number, 'dropout before the classifier'),
+    Option('drop_path_rate', 0.0, number, 'stochastic depth rate of the last block (rises linearly from 0)'),
+    Option('zero_init_last', True, flag, "zero-init each block's last BN gamma"),
+    Option('initial_checkpoint', None, text, 'start a new schedule from the weights of this checkpoint',
+           optional=True),
+    Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides', choices=('ema', 'raw')),
+    # input size and preprocessing (defaults from the model's pretrained cfg)
+    Option('img_size', None, integer, 'training image size (default: the model default, 224)', optional=True),
+    Option('val_img_size', None, integer, 'validation image size (default: img_size)', optional=True),
+    Option('crop_pct', None, number, 'validation center crop fraction (default: the model default, 0.875)',
+           optional=True),
+    Option('interpolation', None, text, 'resize interpolation (default: the model default, bilinear)',
+           optional=True, choices=('bilinear', 'bicubic', 'nearest', 'random')),
+    Option('mean', None, listof(number, (1, 3)), 'normalisation mean (default: ImageNet)', optional=True),
+    Option('std', None, listof(number, (1, 3)), 'normalisation std (default: ImageNet)', optional=True),
+    # augmentation
+    Option('scale', [0.08, 1.0], listof(number, (2,)), 'RandomResizedCrop area range'),
+    Option('ratio', [0.75, 4.0 / 3.0], listof(number, (2,)), 'RandomResizedCrop aspect ratio range'),
+    Option('hflip', 0.5, number, 'horizontal flip probability'),
+    Option('vflip', 0.0, number, 'vertical flip probability'),
+    Option('color_jitter', 0.4, number_or_list, 'colour jitter strength, or [brightness, contrast, saturation, hue]'),
+    Option('auto_augment', None, text, "timm auto-augment string, e.g. 'rand-m9-mstd0.5-inc1', 'trivialaugment', "
+                                       "'v0' (colour jitter is then off)", optional=True),
+    Option('re_prob', 0.0, number, 'random erasing probability'),
+    Option('re_mode', 'pixel', text, 'random erasing fill', choices=('pixel', 'rand', 'const')),
+    Option('re_count', 1, integer, 'random erasing regions per image'),
+    Option('mixup', 0.0, number, 'Mixup alpha (0 = off)'),
+    Option('cutmix', 0.0, number, 'CutMix alpha (0 = off)'),
+    Option('cutmix_minmax', None, listof(number, (2,)), 'CutMix box size range (overrides cutmix alpha)',
+           optional=True),
+    Option('mixup_prob', 1.0, number, 'probability of mixing a batch'),
+    Option('mixup_switch_prob', 0.5, number, 'probability of CutMix instead of Mixup when both are on'),
+    Option('mixup_mode', 'batch', text, 'mixing unit', choices=('batch', 'pair', 'elem')),
+    Option('smoothing', 0.1, number, 'label smoothing'),
+    Option('bce_loss', False, flag, 'binary cross-entropy loss instead of softmax cross-entropy'),
+    # optimisation
+    Option('batch_size', 128, integer, 'GLOBAL batch size: images per optimizer step over all processes',
+           flags=('-b',)),
+    Option('lr', 0.1, number, 'peak learning rate at batch_size'),
+    Option('lr_scale', 'linear', text, 'how lr follows a batch_size given on the command line',
+           choices=('linear', 'sqrt', 'none')),
+    Option('opt', 'sgd', text, "timm optimizer: 'momentum' (SGD), 'sgd' (SGD + Nesterov), 'adamw', 'lamb', ..."),
+    Option('momentum', 0.9, number, 'SGD momentum'),
+    Option('weight_decay', 1.0e-4, number, 'weight decay (never on norm layers and biases)'),
+    Option('opt_eps', None, number, 'optimizer epsilon', optional=True),
+    Option('opt_betas', None, listof(number, (2,)), 'optimizer betas', optional=True),
+    Option('clip_grad', None, number, 'gradient clipping threshold (off when null)', optional=True),
+    Option('clip_mode', 'norm', text, 'gradient clipping mode', choices=('norm', 'value', 'agc')),
+    # schedule: a pure function of the optimizer step
+    Option('epochs', 100, integer, 'epochs to train'),
+    Option('sched', 'cosine', text, 'learning rate schedule, updated every step',
+           choices=('cosine', 'step', 'multistep', 'poly', 'constant')),
+    Option('warmup_epochs', 0, number, 'linear warmup length in epochs'),
+    Option('warmup_lr', 1.0e-5, number, 'learning rate at the start of warmup'),
+    Option('min_lr', 0.0, number, 'learning rate at the end of the schedule'),
+    Option('decay_epochs', 30.0, number, 'step schedule: epochs between decays'),
+    Option('decay_milestones', [30, 60, 90], listof(integer), 'multistep schedule: epochs to decay at'),
+    Option('decay_rate', 0.1, number, 'step/multistep decay factor (poly: the power)'),
+    Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV2)'),
+    Option('model_ema_decay', 0.9998, number, 'EMA decay per optimizer step'),
+    Option('seed', 42, integer, 'seed of the sample order, augmentation, Mixup, drop path and init'),
+    # evaluation and checkpoints
+    Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
+           choices=('top1', 'top5', 'loss')),
+    Option('checkpoint_hist', 3, integer, 'number of best epoch checkpoints to keep', role=R),
+    Option('recovery_interval', 0, integer, 'recovery checkpoint every N optimizer steps (0 = off)', role=R),
+    Option('recovery_minutes', 15.0, number, 'recovery checkpoint every M minutes of training (0 = off)', role=R),
+    Option('validation_batch_size', None, integer, 'validation batch per process (default: training micro-batch)',
+           flags=('-vb',), optional=True, role=R),
+    # execution: how and where it runs, free to change when resuming
+    Option('output', 'output', text, 'root of the run folders', role=R),
+    Option('experiment', None, text, 'run folder name (default: the recipe name)', optional=True, role=R),
+    Option('recipe', None, text, 'name of the recipe this run follows (set from -c)', optional=True, role=R),
+    Option('device', 'auto', text, "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'", role=R),
+    Option('workers', 4, integer, 'data loading processes per training process', flags=('-j',), role=R),
+    Option('max_batch_per_device', None, integer, 'largest micro-batch per process; more is accumulated',
+           optional=True, role=R),
+    Option('amp', False, flag, 'mixed precision', role=R),
+    Option('amp_dtype', 'bfloat16', text, 'mixed precision type (float16 uses a grad scaler)',
+           choices=('bfloat16', 'float16'), role=R),
+    Option('channels_last', False, flag, 'channels-last memory layout', role=R),
+    Option('torchcompile', False, flag, 'torch.compile the training model', role=R),
+    Option('deterministic', False, flag, 'deterministic algorithms (bit-exact repeats, slower on GPU)', role=R),
+    Option('sync_bn', False, flag, 'synchronise BatchNorm statistics across processes'),
+    Option('dist_timeout', 30.0, number, 'minutes before a stalled collective aborts the job', role=R),
+    Option('log_interval', 50, integer, 'optimizer steps between log lines', role=R),
+    Option('log_wandb', False, flag, 'log to Weights & Biases', role=R),
+    Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=R),
+    Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=R),
+    Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=R),
+    Option('wandb_tags', [], listof(text), 'W&B tags', role=R),
+    # actions: what to do with the run folder; never saved
+    Option('resume', None, text, 'resume from this checkpoint instead of the newest one in the run folder',
+           optional=True, role=A),
+    Option('start_over', False, flag, 'delete the run in the run folder and start again', role=A),
+    Option('allow_config_change', False, flag, 'resume even though the experiment settings changed', role=A),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def _check_value(option: Option, value, source: str):
+    if isinstance(value, list) and len(value) == 1 and str(value[0]).lower() in ('none', 'null'):
+        value = None  # '--mean none' on the command line
+    if value is None or (option.optional and isinstance(value, str) and value.lower() in ('none', 'null')):
+        if option.optional:
+            return None
+        raise UserError(f'{source}: {option.name} must be set (it cannot be null)')
+    try:
+        value = option.convert(value)
+    except ValueError as e:
+        raise UserError(f'{source}: {option.name}: {e}, got {value!r}') from None
+    if option.choices and value not in option.choices:
+        raise UserError(f"{source}: {option.name} must be one of {', '.join(option.choices)}, got {value!r}")
+    return value
+
+
+def unknown_option(key: str, known: list, source: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f'; did you mean {close[0]}?' if close else ''
+    return UserError(f'{source}: unknown option {key}{hint}')
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a UserError (one line) and accepts no abbreviated flags."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UserError(message)
+
+    def parse_strict(self, argv=None) -> argparse.Namespace:
+        args, unknown = self.parse_known_args(argv)
+        if unknown:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            raise unknown_option(unknown[0].split('=')[0], flags, 'command line')
+        return args
+
+
+def _build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog='train.py', argument_default=argparse.SUPPRESS,
+        description='Train an image classifier from a YAML recipe; command line flags override the recipe.')
+    parser.add_argument('-c', '--config', help='recipe YAML (or a run folder\'s config.yaml to replay it)')
+    for option in OPTIONS:
+        default = f' (default: {option.default})' if option.default not in (None, '', []) else ''
+        kwargs = dict(dest=option.name, help=option.help + default)
+        if option.convert is flag:
+            kwargs['action'] = argparse.BooleanOptionalAction
+        elif option.convert.__name__.startswith('list') or option.convert is number_or_list:
+            kwargs.update(nargs='+', metavar='V')
+        else:
+            kwargs['metavar'] = option.name.upper()
+        parser.add_argument(option.flag, *option.flags, **kwargs)
+    return parser
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'recipe not found: {path}')
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f'{path} must hold a mapping of option: value')
+    return data
+
+
+def parse_config(argv: Optional[list] = None) -> dict:
+    """Resolve the configuration from defaults, an optional recipe (-c) and command line flags.
+
+    Returns:
+        A plain dict with one typed value per option, plus 'lr_rescaled_from' ((lr, batch) of the recipe when a
+        batch_size given on the command line rescaled lr, else None).
+    """
+    cli = vars(_build_parser().parse_strict(argv))
+    recipe_path = cli.pop('config', None)
+
+    config = {o.name: o.default for o in OPTIONS}
+    if recipe_path:
+        for key, value in load_yaml(recipe_path).items():
+            if key not in BY_NAME:
+                raise unknown_option(str(key), list(BY_NAME), str(recipe_path))
+            if BY_NAME[key].role == A:
+                raise UserError(f'{recipe_path}: {key} is an action, give it on the command line')
+            config[key] = _check_value(BY_NAME[key], value, str(recipe_path))
+        if not config['recipe']:
+            config['recipe'] = Path(recipe_path).stem
+    recipe_batch, recipe_lr = config['batch_size'], config['lr']
+    for key, value in cli.items():
+        config[key] = _check_value(BY_NAME[key], value, 'command line')
+
+    config['experiment'] = config['experiment'] or config['recipe'] or config['model']
+    config['lr_rescaled_from'] = None
+    if 'batch_size' in cli and 'lr' not in cli and config['batch_size'] != recipe_batch:
+        config['lr'] = scaled_lr(recipe_lr, recipe_batch, config['batch_size'], config['lr_scale'])
+        config['lr_rescaled_from'] = (recipe_lr, recipe_batch)
+    validate(config)
+    return config
+
+
+def scaled_lr(lr: float, from_batch: int, to_batch: int, rule: str) -> float:
+    ratio = to_batch / from_batch
+    return lr * {'linear': ratio, 'sqrt': math.sqrt(ratio), 'none': 1.0}[rule]
+
+
+def validate(config: dict):
+    """Checks between options that need no data or devices; see BatchLayout for the rest."""
+    def require(ok: bool, message: str):
+        if not ok:
+            raise UserError(message)
+    require(config['batch_size'] > 0, 'batch_size must be positive')
+    require(config['epochs'] > 0, 'epochs must be positive')
+    require(config['lr'] > 0, 'lr must be positive')
+    require(config['workers'] >= 0, 'workers must be 0 or more')
+    require(config['log_interval'] > 0, 'log_interval must be positive')
+    require(0.0 <= config['model_ema_decay'] < 1.0, 'model_ema_decay must be in [0, 1)')
+    require(config['warmup_epochs'] < config['epochs'], 'warmup_epochs must be shorter than epochs')
+    require(config['scale'][0] <= config['scale'][1], 'scale must be [min, max]')
+    require(config['max_batch_per_device'] is None or config['max_batch_per_device'] > 0,
+            'max_batch_per_device must be positive')
+    require(config['checkpoint_hist'] >= 1, 'checkpoint_hist must be 1 or more')
+    require(not (config['start_over'] and config['resume']), 'start_over and resume exclude each other')
+    for key in ('drop_rate', 'drop_path_rate', 'hflip', 'vflip', 're_prob', 'mixup_prob', 'smoothing'):
+        require(0.0 <= config[key] <= 1.0, f'{key} must be between 0 and 1')
+
+
+def data_root(config: dict) -> Path:
+    if config['data_dir']:
+        return Path(config['data_dir'])
+    if config['dataset'] == 'builtin':
+        return Path('data/shapes')
+    return Path(os.environ.get('IMAGENET_DIR') or 'data/imagenet')
+
+
+def saved_config(config: dict) -> dict:
+    """The options that define and place a run, in schema order: what config.yaml and checkpoints hold."""
+    return {o.name: config[o.name] for o in OPTIONS if o.role != A}
+
+
+def save_config(config: dict, path):
+    text = yaml.safe_dump(saved_config(config), sort_keys=False, default_flow_style=None)
+    tmp = Path(f'{path}.tmp')
+    tmp.write_text(f'# resolved configuration; replay with: python train.py -c {path}\n' + text)
+    os.replace(tmp, path)
+
+
+def experiment_changes(old: dict, new: dict) -> list:
+    """Differences in the options that change results, as 'key: old -> new' lines."""
+    return [f'{o.name}: {old.get(o.name)!r} -> {new[o.name]!r}'
+            for o in OPTIONS if o.role == E and old.get(o.name, o.default) != new[o.name]]

@@ -1,0 +1,141 @@
+"""Processes and devices: torchrun / torch.distributed setup, collectives, and agreeing to stop on a signal.
+
+Started by torchrun, each process reads RANK, WORLD_SIZE and LOCAL_RANK from the environment and joins the process
+group: NCCL between GPUs, gloo on CPU. Control decisions (stop now, save now) travel over a separate gloo group, so
+agreeing on them never waits for the GPU.
+"""
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import UserError
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    control_group: Optional[object] = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'device {name} asked for, but CUDA is not available here')
+    if name == 'cuda':
+        return torch.device('cuda', local_rank)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def setup(device_name: str, timeout_minutes: float) -> Processes:
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = pick_device(device_name, local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return Processes(0, 1, 0, device)
+    backend = 'nccl' if device.type == 'cuda' else 'gloo'
+    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    control = dist.new_group(backend='gloo') if backend != 'gloo' else None
+    return Processes(rank, world_size, local_rank, device, control)
+
+
+def teardown(procs: Processes):
+    if procs.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
+    if not procs.distributed:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / procs.world_size
+
+
+def sum_over_ranks(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
+    if procs.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def agree_any(flags: list, procs: Processes) -> list:
+    """Each flag becomes True on every process when it is True on any."""
+    if not procs.distributed:
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=procs.control_group)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def broadcast_object(obj, procs: Processes):
+    if not procs.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, group=procs.control_group)
+    return holder[0]
+
+
+def barrier(procs: Processes):
+    if procs.distributed:
+        dist.barrier(group=procs.control_group)
+
+
+class StopRequest:
+    """Turns SIGTERM and SIGINT into a request to stop at the next step boundary; a second signal exits at once.
+
+    Every process checks it at the same points (`agreed`), so a signal seen by any one of them stops them all at the
+    same step, where they save one recovery checkpoint together.
+    """
+
+    def __init__(self, procs: Processes):
+        self.procs = procs
+        self.signal = None
+        self.received_at = None
+        self._previous = {}
+
+    def install(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+        self.received_at = time.monotonic()
+        _logger.warning(f'{signal.Signals(signum).name} received: stopping after this step to save a recovery '
+                        'checkpoint (a second signal exits at once)')
+
+    def agreed(self, *other_flags: bool) -> list:
+        """[stop, *other_flags], each True on every process when True on any."""
+        return agree_any([self.signal is not None, *other_flags], self.procs)

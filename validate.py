@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a validation set with the same evaluation code train.py uses.
+
+    python validate.py --checkpoint output/rn50_130ep/model_best.pth.tar [--data-dir DIR] [--weights ema|raw]
+
+Model, class count and preprocessing come from the checkpoint; a plain state dict needs --model.
+Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from timm.data import resolve_data_config
+from timm.models import create_model
+
+import model_defs  # noqa: F401  registers resnet50_custom
+from training import checkpoint
+from training.config import OneLineParser, UserError, data_root
+from training.data import classes_of, create_eval_loader, open_image_folder
+from training.distributed import Processes, pick_device
+from training.engine import evaluate
+
+
+def parse_args(argv=None):
+    parser = OneLineParser(prog='validate.py', description=__doc__.splitlines()[0])
+    parser.add_argument('--checkpoint', required=True, help='training checkpoint or state dict file')
+    parser.add_argument('--model', help='model name (default: from the checkpoint; required for a state dict)')
+    parser.add_argument('--num-classes', type=int, help='class count of a state dict (default: its classifier)')
+    parser.add_argument('--data-dir', help="dataset root (default: the checkpoint's, or $IMAGENET_DIR)")
+    parser.add_argument('--dataset', help="dataset type (default: the checkpoint's)")
+    parser.add_argument('--split', default='validation', help='split to evaluate (default: validation = val/)')
+    parser.add_argument('--weights', choices=('ema', 'raw'),
+                        help='weights to evaluate (default: those that earned the checkpoint its metric)')
+    parser.add_argument('--img-size', type=int, help='image size (default: the checkpoint\'s validation size)')
+    parser.add_argument('--crop-pct', type=float, help='center crop fraction (default: the checkpoint\'s)')
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-j', '--workers', type=int, default=4)
+    parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--amp', action='store_true', help='mixed precision')
+    parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--tta', choices=('flip',), help='test-time augmentation: average with the flipped image')
+    parser.add_argument('--results-file', help='write the results to this JSON file')
+    return parser.parse_strict(argv)
+
+
+def load_model(args, state: dict):
+    """The model named by the checkpoint (or --model) with the chosen weights; also returns its training config."""
+    config = state.get('config') or {}
+    name = config.get('model')
+    if args.model and name and args.model != name:
+        raise UserError(f'{args.checkpoint} holds {name}, not {args.model}')
+    name = args.model or name
+    if not name:
+        raise UserError(f'{args.checkpoint} is a plain state dict: pass --model')
+    weights_kind = args.weights or state.get('metric_weights') or ('ema' if 'state_dict_ema' in state else 'raw')
+    weights = checkpoint.weights_from(state, weights_kind, args.checkpoint)
+    fc = weights.get('fc.weight')
+    num_classes = args.num_classes or (fc.shape[0] if fc is not None else config.get('num_classes'))
+    try:
+        model = create_model(name, num_classes=num_classes)
+    except RuntimeError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = ' '.join(str(e).split())[:240]
+        raise UserError(f'{args.checkpoint} does not fit {name}: {detail}') from None
+    return model, weights_kind, config
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        return validate(args)
+    except UserError as e:
+        print(f'validate.py: error: {e}', file=sys.stderr)
+        return 2
+
+
+def validate(args) -> int:
+    state = checkpoint.load(args.checkpoint)
+    model, weights_kind, config = load_model(args, state)
+    device = pick_device(args.device)
+    procs = Processes(0, 1, 0, device)
+
+    if args.data_dir:
+        root = Path(args.data_dir)
+    elif config:
+        root = data_root(config)
+    else:
+        root = data_root(dict(data_dir=None, dataset=args.dataset or ''))
+    dataset_kind = args.dataset if args.dataset is not None else config.get('dataset', '')
+    dataset = open_image_folder(root, args.split, '' if dataset_kind == 'builtin' else dataset_kind)
+    classes = len(classes_of(dataset))
+    if classes and classes != model.num_classes:
+        raise UserError(f'{root} {args.split} has {classes} class folders but the model predicts '
+                        f'{model.num_classes} classes')
+
+    overrides = {k: config.get(k) for k in ('interpolation', 'mean', 'std', 'crop_pct') if config.get(k) is not None}
+    overrides['img_size'] = args.img_size or config.get('val_img_size') or config.get('img_size')
+    if args.crop_pct:
+        overrides['crop_pct'] = args.crop_pct
+    data_cfg = resolve_data_config(args=overrides, model=model)
+    loader = create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device)
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+    results = evaluate(model, loader, procs, amp_dtype, args.channels_last, tta_flip=args.tta == 'flip')
+    results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
+                   weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
+                   tta=args.tta, data=str(root), split=args.split)
+    print(f"{results['model']} ({weights_kind} weights) on {results['images']} images of {root} {args.split}: "
+          f"top-1 {results['top1']:.3f}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
+          f"{results['img_per_sec']:.0f} img/s")
+    if args.results_file:
+        Path(args.results_file).write_text(json.dumps(results, indent=2) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from timm.data import Mixup
@@ -19,15 +20,15 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV2, NativeScaler, distribute_bn
+from timm.utils import ModelEmaV2, NativeScaler
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, experiment_changes, parse_config, save_config, saved_config
 from training.data import (BatchLayout, create_datasets, create_eval_loader, create_random_erasing,
-                           create_train_loader, data_configs, seed_all)
-from training.engine import Interrupted, NonFiniteLoss, Trainer, evaluate, train_one_epoch
+                           create_train_loader, data_configs, prepare_builtin_data, seed_all)
+from training.engine import BatchNormSteps, Interrupted, NonFiniteLoss, Trainer, evaluate, train_one_epoch
 
 _logger = logging.getLogger('train')
 
@@ -103,16 +104,19 @@ def find_resume_state(config: dict, run_dir: Path, procs) -> tuple:
     """(path, state) to resume from: --resume, else the newest valid checkpoint in the run folder, else None."""
     if config['resume']:
         return config['resume'], checkpoint.load(config['resume'])
-    path = None
-    if procs.is_primary:
+
+    found = {}
+
+    def newest() -> Optional[str]:
         had_checkpoints = bool(checkpoint.run_files(run_dir))
-        path, _ = checkpoint.newest_valid(run_dir)
+        path, found['state'] = checkpoint.newest_valid(run_dir)
         if had_checkpoints and path is None:
-            path = ''
-    path = distributed.broadcast_object(None if path is None else str(path), procs)
-    if path == '':
-        raise UserError(f'{run_dir} holds checkpoints but none loads; pass --start-over to train from scratch')
-    return (path, checkpoint.load(path)) if path else (None, None)
+            raise UserError(f'{run_dir} holds checkpoints but none loads; pass --start-over to train from scratch')
+        return None if path is None else str(path)
+    path = distributed.on_primary(newest, procs)
+    if path is None:
+        return None, None
+    return path, found.get('state') or checkpoint.load(path)  # rank 0 has loaded it already
 
 
 def check_resume(config: dict, state: dict, path, num_classes: int, data_fingerprint: dict):
@@ -140,11 +144,11 @@ def load_initial_weights(model: torch.nn.Module, config: dict):
     _logger.info(f"Initial weights: {config['initial_weights']} weights of {path}")
 
 
-def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, timing: dict, raw: dict,
+def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, speed: dict, raw: dict,
                 ema: dict) -> dict:
     row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr,
                val_loss=raw['loss'], val_top1=raw['top1'], val_top5=raw['top5'],
-               epoch_seconds=timing['seconds'], img_per_sec=timing['img_per_sec'], data_wait=timing['data_wait'])
+               epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'])
     if ema:
         row.update(ema_val_loss=ema['loss'], ema_val_top1=ema['top1'], ema_val_top5=ema['top5'])
     return row
@@ -164,6 +168,213 @@ def best_of(history: list, metric: str) -> tuple:
     return (min if metric == 'loss' else max)(ranked, key=lambda r: r[0])
 
 
+def resume_state(config: dict, state: dict, path, model, model_ema, optimizer, scaler) -> Progress:
+    """Load a checkpoint's full training state into the components; returns where the run stands."""
+    model.load_state_dict(state['state_dict'])
+    if model_ema is not None:
+        model_ema.module.load_state_dict(checkpoint.weights_from(state, 'ema', path))
+    if state['config']['opt'] == config['opt']:
+        optimizer.load_state_dict(state['optimizer'])
+    else:
+        _logger.warning('WARNING: the optimizer changed, its state (momentum, moments) starts afresh')
+    if scaler is not None and scaler.state_dict_key in state:
+        scaler.load_state_dict(state[scaler.state_dict_key])
+    checkpoint.set_rng_state(state['rng'])
+    return checkpoint.progress_from(state)
+
+
+class Run:
+    """One training run: its components, where it stands, and how it saves and reports.
+
+    Built from a resolved config in the order of the recipe (data, model, optimisation, resume, checkpoints,
+    reporting); fit() then trains epoch after epoch until the schedule ends or a signal stops it.
+    """
+
+    def __init__(self, config: dict, procs):
+        self.config, self.procs = config, procs
+        self.layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
+        self.run_dir = Path(distributed.on_primary(lambda: str(prepare_run_dir(config)), procs))
+        display = reporting.setup_logging(self.run_dir, procs.is_primary, procs.rank)
+        self._log_start()
+        if config['deterministic']:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = not config['deterministic']
+        device = procs.device
+
+        # data and model
+        distributed.on_primary(lambda: prepare_builtin_data(config), procs)
+        train_ds, val_ds, num_classes = create_datasets(config)
+        self.data_fingerprint = dict(train_images=len(train_ds), val_images=len(val_ds), classes=num_classes)
+        model = build_model(config, num_classes)
+        train_cfg, val_cfg = data_configs(config, model)
+        self.train_loader, self.sampler = create_train_loader(train_ds, config, train_cfg, self.layout, procs.rank,
+                                                              device)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.val_loader = create_eval_loader(val_ds, val_cfg, config['validation_batch_size'] or
+                                             self.layout.micro_batch, config['workers'], device, procs.rank,
+                                             procs.world_size)
+        mixup = build_mixup(config, num_classes)
+        if mixup is not None and self.layout.micro_batch % 2:
+            raise UserError(f'Mixup/CutMix need an even micro-batch, got {self.layout.micro_batch}')
+        if config['sync_bn'] and procs.distributed:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device)
+        if config['channels_last']:
+            model.to(memory_format=torch.channels_last)
+
+        # optimisation
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, self.steps_per_epoch)
+        model_ema = ModelEmaV2(model, decay=config['model_ema_decay']) if config['model_ema'] else None
+        self.amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
+        scaler = NativeScaler(device.type) if self.amp_dtype == torch.float16 else None
+
+        # resume, or start from scratch or from initial weights
+        path, state = find_resume_state(config, self.run_dir, procs)
+        self.progress = Progress()
+        if state is not None:
+            check_resume(config, state, path, num_classes, self.data_fingerprint)
+            self.progress = resume_state(config, state, path, model, model_ema, optimizer, scaler)
+            _logger.info(f'Resuming {path}: epoch {self.progress.epoch}, step '
+                         f'{self.progress.step}/{self.steps_per_epoch}')
+        elif config['initial_checkpoint']:
+            load_initial_weights(model, config)
+            if model_ema is not None:
+                model_ema.set(model)
+        scheduler.step_update(num_updates=self.progress.global_step)  # the lr is a function of the step alone
+
+        train_model = model
+        if procs.distributed:
+            # BatchNormSteps keeps the processes' BN statistics equal; no need to broadcast them every forward
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        if config['torchcompile']:
+            train_model = torch.compile(train_model)
+        self.trainer = Trainer(
+            model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
+            loss_fn=build_loss(config, mixing=mixup is not None), mixup=mixup,
+            random_erasing=create_random_erasing(config, device), model_ema=model_ema,
+            batchnorm=BatchNormSteps(model, procs) if (procs.distributed or self.layout.accum_steps > 1) else None,
+            scaler=scaler, layout=self.layout, procs=procs, amp_dtype=self.amp_dtype,
+            channels_last=config['channels_last'], clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
+            seed=config['seed'], log_interval=config['log_interval'], epochs=config['epochs'])
+
+        # checkpoints and reporting
+        self.metric_weights = None
+        self.versions = checkpoint.versions()
+        self.saver = RunCheckpointSaver(
+            model, optimizer, model_ema=model_ema, amp_scaler=scaler, checkpoint_dir=str(self.run_dir),
+            recovery_dir=str(self.run_dir), decreasing=config['eval_metric'] == 'loss',
+            max_history=config['checkpoint_hist'], run_state=self.run_state)
+        wandb_logger = None
+        if procs.is_primary and config['log_wandb']:
+            extra = dict(saved_config(config), environment=reporting.environment(procs.world_size),
+                         versions=self.versions)
+            wandb_logger = reporting.WandbLogger(config, self.run_dir, state and state.get('wandb_run_id'), extra)
+        self.reporter = reporting.Reporter(self.run_dir, procs.is_primary, display, config['epochs'], wandb_logger)
+        if procs.is_primary:
+            if state is not None:
+                self.saver.load_state_dict(state['saver'])
+                self.saver.restore_recovery_files(self.run_dir)
+            save_config(config, self.run_dir / 'config.yaml')
+            self.reporter.files(self.progress.history)
+        self.stop = distributed.StopRequest(procs)
+        self.last_save = time.monotonic()
+
+    def _log_start(self):
+        config, layout = self.config, self.layout
+        if config['lr_rescaled_from']:
+            lr, batch = config['lr_rescaled_from']
+            _logger.info(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
+                         f"({config['lr_scale']} rule)")
+        _logger.info(f"Run folder {self.run_dir}: {self.procs.world_size} process(es) on {self.procs.device}, "
+                     f"global batch {layout.global_batch} = {self.procs.world_size} x {layout.accum_steps} x "
+                     f"{layout.micro_batch}")
+
+    def run_state(self) -> dict:
+        """What a checkpoint holds besides timm's fields."""
+        return dict(config=saved_config(self.config), progress=checkpoint.progress_state(self.progress),
+                    rng=checkpoint.rng_state(), data=self.data_fingerprint, versions=self.versions,
+                    world_size=self.procs.world_size, metric_weights=self.metric_weights,
+                    wandb_run_id=self.reporter.wandb.run_id if self.reporter.wandb else None)
+
+    def _save(self, save, what: str):
+        """Save on rank 0; a failed save is reported loudly and training goes on (the last good file stays)."""
+        if self.procs.is_primary:
+            try:
+                save()
+            except (OSError, RuntimeError) as e:
+                _logger.error(f'ERROR: could not save the {what} checkpoint ({e}); the previous checkpoints are '
+                              'intact and training continues')
+        self.last_save = time.monotonic()
+        distributed.barrier(self.procs)
+
+    def save_recovery(self):
+        epoch, step = self.progress.epoch, self.progress.step
+        _logger.info(f'Saving recovery checkpoint recovery-{epoch}-{step}')
+        self._save(lambda: self.saver.save_recovery(epoch, step), 'recovery')
+
+    def after_step(self) -> tuple:
+        """After each optimizer step: show progress, and agree on (stop now, save a recovery checkpoint now)."""
+        progress, config = self.progress, self.config
+        self.reporter.tick(progress.epoch, progress.step, self.steps_per_epoch)
+        steps_due = config['recovery_interval'] > 0 and progress.global_step % config['recovery_interval'] == 0
+        minutes = config['recovery_minutes']
+        time_due = minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+        stop_now, time_due = self.stop.agreed(time_due)
+        return stop_now, (steps_due or time_due) and progress.step < self.steps_per_epoch
+
+    def should_stop(self) -> bool:
+        return self.stop.agreed()[0]
+
+    def evaluate_both(self) -> tuple:
+        """Raw and EMA weights on the validation set; a stop signal saves (evaluation pending) and exits."""
+        kwargs = dict(amp_dtype=self.amp_dtype, channels_last=self.config['channels_last'],
+                      should_stop=self.should_stop)
+        try:
+            raw = evaluate(self.trainer.model, self.val_loader, self.procs, **kwargs)
+            ema = None
+            if self.trainer.model_ema is not None:
+                ema = evaluate(self.trainer.model_ema.module, self.val_loader, self.procs, **kwargs)
+        except Interrupted:
+            self.save_recovery()
+            raise
+        return raw, ema
+
+    def fit(self) -> int:
+        progress, config = self.progress, self.config
+        self.stop.install()
+        try:
+            while progress.epoch < config['epochs']:
+                epoch = progress.epoch
+                speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left
+                if progress.step < self.steps_per_epoch:
+                    self.sampler.set_position(epoch, progress.step)
+                    speed = train_one_epoch(self.trainer, self.train_loader, progress, self.steps_per_epoch,
+                                            self.after_step, self.save_recovery, self.reporter.step)
+                lr = self.trainer.optimizer.param_groups[0]['lr']
+                raw, ema = self.evaluate_both()
+                progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
+                row = summary_row(epoch, progress, self.steps_per_epoch, lr, speed, raw, ema)
+                metric, self.metric_weights = ranking_metric(row, config['eval_metric'])
+                progress.history.append(row)
+                progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
+                # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
+                self.reporter.epoch(row, progress.history, progress.global_step)
+                self._save(lambda: self.saver.save_checkpoint(epoch, metric), 'epoch')
+                self.reporter.best('top1', *best_of(progress.history, 'top1'))
+                if self.should_stop():
+                    raise Interrupted()
+        finally:
+            self.stop.uninstall()
+            self.reporter.finish()
+        if progress.history:
+            value, weights, epoch = best_of(progress.history, config['eval_metric'])
+            _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
+                         f"run folder {self.run_dir}")
+        return 0
+
+
 def main(argv=None) -> int:
     try:
         config = parse_config(argv)
@@ -172,7 +383,7 @@ def main(argv=None) -> int:
         print(f'train.py: error: {e}', file=sys.stderr)
         return EXIT_USAGE
     try:
-        return train(config, procs)
+        return Run(config, procs).fit()
     except UserError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return EXIT_USAGE
@@ -184,177 +395,6 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     finally:
         distributed.teardown(procs)
-
-
-def train(config: dict, procs) -> int:
-    layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
-    run_dir = Path(config['output']) / config['experiment']
-    if procs.is_primary:
-        run_dir = prepare_run_dir(config)
-    distributed.barrier(procs)
-    reporting.setup_logging(run_dir, procs.is_primary, procs.rank)
-    if config['lr_rescaled_from']:
-        lr, batch = config['lr_rescaled_from']
-        _logger.info(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
-                     f"({config['lr_scale']} rule)")
-    _logger.info(f"Run folder {run_dir}: {procs.world_size} process(es) on {procs.device}, global batch "
-                 f"{layout.global_batch} = {procs.world_size} x {layout.accum_steps} x {layout.micro_batch}")
-    if config['deterministic']:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not config['deterministic']
-    device = procs.device
-
-    # data and model
-    train_ds, val_ds, num_classes = create_datasets(config)
-    data_fingerprint = dict(train_images=len(train_ds), val_images=len(val_ds), classes=num_classes)
-    model = build_model(config, num_classes)
-    train_cfg, val_cfg = data_configs(config, model)
-    train_loader, sampler = create_train_loader(train_ds, config, train_cfg, layout, procs.rank, device)
-    steps_per_epoch = sampler.steps_per_epoch
-    val_loader = create_eval_loader(val_ds, val_cfg, config['validation_batch_size'] or layout.micro_batch,
-                                    config['workers'], device, procs.rank, procs.world_size)
-    mixup = build_mixup(config, num_classes)
-    if mixup is not None and layout.micro_batch % 2:
-        raise UserError(f'Mixup/CutMix need an even micro-batch, got {layout.micro_batch}')
-    if config['sync_bn'] and procs.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    if config['channels_last']:
-        model.to(memory_format=torch.channels_last)
-
-    # optimisation
-    optimizer = build_optimizer(config, model)
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    model_ema = ModelEmaV2(model, decay=config['model_ema_decay']) if config['model_ema'] else None
-    amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
-    scaler = NativeScaler(device.type) if amp_dtype == torch.float16 else None
-
-    # resume, or start from scratch or from initial weights
-    path, state = find_resume_state(config, run_dir, procs)
-    progress = Progress()
-    if state is not None:
-        check_resume(config, state, path, num_classes, data_fingerprint)
-        model.load_state_dict(state['state_dict'])
-        if model_ema is not None:
-            model_ema.module.load_state_dict(checkpoint.weights_from(state, 'ema', path))
-        if state['config']['opt'] == config['opt']:
-            optimizer.load_state_dict(state['optimizer'])
-        else:
-            _logger.warning('WARNING: the optimizer changed, its state (momentum, moments) starts afresh')
-        if scaler is not None and scaler.state_dict_key in state:
-            scaler.load_state_dict(state[scaler.state_dict_key])
-        checkpoint.set_rng_state(state['rng'])
-        progress = checkpoint.progress_from(state)
-        _logger.info(f'Resuming {path}: epoch {progress.epoch}, step {progress.step}/{steps_per_epoch}')
-    elif config['initial_checkpoint']:
-        load_initial_weights(model, config)
-        if model_ema is not None:
-            model_ema.set(model)
-
-    train_model = model
-    if procs.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
-    if config['torchcompile']:
-        train_model = torch.compile(train_model)
-
-    trainer = Trainer(
-        model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-        loss_fn=build_loss(config, mixing=mixup is not None), mixup=mixup,
-        random_erasing=create_random_erasing(config, device), model_ema=model_ema, scaler=scaler, layout=layout,
-        procs=procs, amp_dtype=amp_dtype, channels_last=config['channels_last'], clip_grad=config['clip_grad'],
-        clip_mode=config['clip_mode'], seed=config['seed'], log_interval=config['log_interval'],
-        epochs=config['epochs'])
-
-    # checkpoints: what each one holds besides timm's fields
-    save_info = dict(metric_weights=None)
-    run_versions = checkpoint.versions()
-
-    def run_state() -> dict:
-        return dict(config=saved_config(config), progress=checkpoint.progress_state(progress),
-                    rng=checkpoint.rng_state(), data=data_fingerprint, versions=run_versions,
-                    world_size=procs.world_size, metric_weights=save_info['metric_weights'])
-
-    saver = RunCheckpointSaver(model, optimizer, model_ema=model_ema, amp_scaler=scaler, checkpoint_dir=str(run_dir),
-                               recovery_dir=str(run_dir), decreasing=config['eval_metric'] == 'loss',
-                               max_history=config['checkpoint_hist'], run_state=run_state)
-    if procs.is_primary:
-        if state is not None:
-            saver.load_state_dict(state['saver'])
-            saver.restore_recovery_files(run_dir)
-        save_config(config, run_dir / 'config.yaml')
-        reporting.write_summary(run_dir, progress.history)
-    state = None  # the checkpoint's tensors are in the model now; free them
-
-    last_save = [time.monotonic()]
-
-    def save_or_warn(save, what: str):
-        """Save on rank 0; a failed save is reported loudly and training goes on (the last good file stays)."""
-        if procs.is_primary:
-            try:
-                save()
-            except (OSError, RuntimeError) as e:
-                _logger.error(f'ERROR: could not save the {what} checkpoint ({e}); the previous checkpoints are '
-                              'intact and training continues')
-        last_save[0] = time.monotonic()
-        distributed.barrier(procs)
-
-    def save_recovery():
-        save_or_warn(lambda: saver.save_recovery(progress.epoch, progress.step), 'recovery')
-
-    stop = distributed.StopRequest(procs)
-
-    def decide() -> tuple:
-        steps_due = config['recovery_interval'] > 0 and progress.global_step % config['recovery_interval'] == 0
-        minutes = config['recovery_minutes']
-        time_due = minutes > 0 and time.monotonic() - last_save[0] >= minutes * 60
-        stop_now, time_due = stop.agreed(time_due)
-        return stop_now, (steps_due or time_due) and progress.step < steps_per_epoch
-
-    def log_step(metrics: dict):
-        _logger.info(reporting.step_line(metrics))
-
-    def should_stop() -> bool:
-        return stop.agreed()[0]
-
-    stop.install()
-    try:
-        while progress.epoch < config['epochs']:
-            epoch = progress.epoch
-            timing = dict(seconds=0.0, img_per_sec=0.0, data_wait=0.0)
-            if progress.step < steps_per_epoch:
-                sampler.set_position(epoch, progress.step)
-                timing = train_one_epoch(trainer, train_loader, progress, steps_per_epoch, decide, save_recovery,
-                                         log_step)
-            lr = optimizer.param_groups[0]['lr']
-            try:
-                if procs.distributed and not config['sync_bn']:
-                    distribute_bn(model, procs.world_size, reduce=True)
-                raw = evaluate(model, val_loader, procs, amp_dtype, config['channels_last'], should_stop=should_stop)
-                ema = None
-                if model_ema is not None:
-                    ema = evaluate(model_ema.module, val_loader, procs, amp_dtype, config['channels_last'],
-                                   should_stop=should_stop)
-            except Interrupted:
-                save_recovery()
-                raise
-            row = summary_row(epoch, progress, steps_per_epoch, lr, timing, raw, ema)
-            metric, save_info['metric_weights'] = ranking_metric(row, config['eval_metric'])
-            progress.history.append(row)
-            progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
-            save_or_warn(lambda: saver.save_checkpoint(epoch, metric), 'epoch')
-            if procs.is_primary:
-                reporting.write_summary(run_dir, progress.history)
-            _logger.info(reporting.epoch_line(row))
-            if should_stop():
-                raise Interrupted()
-    finally:
-        stop.uninstall()
-    if progress.history:
-        value, weights, epoch = best_of(progress.history, config['eval_metric'])
-        _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
-                     f"run folder {run_dir}")
-    return 0
 
 
 if __name__ == '__main__':

@@ -26,9 +26,13 @@ def shapes(tmp_path_factory) -> Path:
     return builtin_data.generate(root, seed=0, train_per_class=8, val_per_class=5, image_size=32)
 
 
+def run_args(data: Path, output: Path, *args: str, experiment: str = 'run') -> list:
+    return ['--data-dir', str(data), '--output', str(output), '--experiment', experiment, *TINY, *args]
+
+
 def run_train(data: Path, output: Path, *args: str, experiment: str = 'run') -> int:
     """train.py in this process; returns its exit code."""
-    return train.main(['--data-dir', str(data), '--output', str(output), '--experiment', experiment, *TINY, *args])
+    return train.main(run_args(data, output, *args, experiment=experiment))
 
 
 def spawn_train(data: Path, output: Path, *args: str, experiment: str = 'run', env: dict = None) -> subprocess.Popen:

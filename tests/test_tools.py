@@ -1,6 +1,11 @@
+import os
+import subprocess
+
 import pytest
 
 from tools import sort_imagenet_val
+
+from conftest import REPO
 
 
 def make_flat_val(tmp_path, count=4):
@@ -39,3 +44,26 @@ def test_unlabelled_images_stop_before_moving_anything(tmp_path):
     with pytest.raises(SystemExit, match='2 images have no label'):
         sort_imagenet_val.main([str(val), str(labels)])
     assert len(list(val.glob('*.JPEG'))) == 3
+
+
+def spot_loop(tmp_path, exit_codes: list, **env) -> subprocess.CompletedProcess:
+    """tools/spot_loop.sh around a command that exits with the given codes in turn."""
+    counter = tmp_path / 'attempt'
+    counter.write_text('0')
+    codes = ' '.join(map(str, exit_codes))
+    command = (f'n=$(cat {counter}); echo $((n + 1)) > {counter}; '
+               f'set -- {codes}; shift $n; exit $1')
+    return subprocess.run([str(REPO / 'tools' / 'spot_loop.sh'), 'bash', '-c', command], capture_output=True,
+                          text=True, env={**os.environ, 'RETRY_DELAY': '0', **env})
+
+
+def test_spot_loop_resumes_until_the_run_finishes(tmp_path):
+    result = spot_loop(tmp_path, [75, 137, 1, 0])
+    assert result.returncode == 0 and (tmp_path / 'attempt').read_text().strip() == '4'
+    assert 'exit code 75, resuming' in result.stderr
+
+
+def test_spot_loop_stops_on_bad_input_and_after_max_attempts(tmp_path):
+    assert spot_loop(tmp_path, [75, 2, 0]).returncode == 2
+    result = spot_loop(tmp_path, [75, 75, 75, 0], MAX_ATTEMPTS='2')
+    assert result.returncode == 75 and 'giving up after 2 attempts' in result.stderr

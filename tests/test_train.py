@@ -2,6 +2,7 @@ import hashlib
 import re
 
 import pytest
+import timm
 import torch
 import yaml
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -11,7 +12,7 @@ from training import builtin_data
 from training.config import parse_config
 from training.reporting import SUMMARY_COLUMNS, TIMING_COLUMNS
 
-from conftest import assert_same_weights, load, run_train, summary
+from conftest import assert_same_weights, load, run_args, run_train, summary
 
 
 @pytest.fixture(scope='module')
@@ -75,9 +76,10 @@ def test_loss_follows_the_targets():
     assert train.build_mixup(parse_config(['--cutmix', '1.0']), 10) is not None
 
 
-def test_mixing_path_trains_with_random_erasing_and_drop_path(shapes, tmp_path):
+def test_mixing_path_trains_with_bce_random_erasing_drop_path_and_clipping(shapes, tmp_path):
     assert run_train(shapes, tmp_path, '--epochs', '1', '--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5',
-                     '--drop-path-rate', '0.1', '--color-jitter', '0.4', '0.4', '0.4', '0.1', '-j', '1') == 0
+                     '--drop-path-rate', '0.1', '--color-jitter', '0.4', '0.4', '0.4', '0.1', '-j', '1',
+                     '--clip-grad', '2.0', '--bce-loss') == 0
     row = summary(tmp_path / 'run')[0]
     assert 0 < row['train_loss'] < 10 and row['val_top1'] is not None
 
@@ -121,3 +123,32 @@ def test_unwritable_output_fails_before_training(shapes, tmp_path, capsys):
     assert run_train(shapes, blocker) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'cannot write to the run folder' in err[0]
+
+
+def test_torch_compile_trains_and_saves_clean_state_dicts(shapes, tmp_path):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--torchcompile') == 0
+    state = load(tmp_path / 'run' / 'last.pth.tar')
+    for key in ('state_dict', 'state_dict_ema'):
+        assert not [k for k in state[key] if k.startswith(('_orig_mod.', 'module.'))]
+    assert state['state_dict'].keys() == timm.create_model('resnet50_custom').state_dict().keys()
+    assert summary(tmp_path / 'run')[0]['train_loss'] < 10
+
+
+def test_batch_size_override_rescales_lr_and_says_so(shapes, tmp_path):
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text('batch_size: 16\nlr: 1.0e-3\nlr_scale: sqrt\n')
+    argv = [arg for arg in run_args(shapes, tmp_path) if arg not in ('--lr', '1.0e-3', '-b', '16')]
+    assert train.main(['-c', str(recipe), *argv, '-b', '8', '--epochs', '1']) == 0
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'batch_size 16 -> 8: lr 0.001 -> 0.000707107 (sqrt rule)' in log
+    assert load(tmp_path / 'run' / 'last.pth.tar')['config']['lr'] == pytest.approx(1e-3 / 2 ** 0.5)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_mixed_precision_and_channels_last(shapes, tmp_path, dtype):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--amp', '--amp-dtype', dtype, '--channels-last',
+                     '--clip-grad', '1.0') == 0
+    state = load(tmp_path / 'run' / 'last.pth.tar')
+    assert ('amp_scaler' in state) == (dtype == 'float16')  # the grad scaler, for float16 only
+    assert all(torch.isfinite(v).all() for v in state['state_dict'].values() if v.is_floating_point())
+    assert 0 < summary(tmp_path / 'run')[0]['train_loss'] < 10

@@ -34,6 +34,7 @@ class Progress:
     global_step: int = 0
     ema_updates: int = 0
     loss_sum: float = 0.0  # sum of this epoch's step losses (mean over processes)
+    seconds: float = 0.0  # time spent on this epoch so far, over all the processes that worked on it
     history: list = field(default_factory=list)  # summary rows of the finished epochs
 
     def key(self) -> tuple:
@@ -236,7 +237,3 @@ def weights_from(state: dict, which: str, path) -> dict:
             raise UserError(f'{path} holds no EMA weights; use raw weights')
         return state['state_dict_ema']
     return state['state_dict']
-
-
-def metric_weights(state: dict) -> Optional[str]:
-    return state.get('metric_weights')

@@ -127,8 +127,9 @@ OPTIONS = (
     Option('hflip', 0.5, number, 'horizontal flip probability'),
     Option('vflip', 0.0, number, 'vertical flip probability'),
     Option('color_jitter', 0.4, number_or_list, 'colour jitter strength, or [brightness, contrast, saturation, hue]'),
-    Option('auto_augment', None, text, "timm auto-augment string, e.g. 'rand-m9-mstd0.5-inc1', 'trivialaugment', "
-                                       "'v0' (colour jitter is then off)", optional=True),
+    Option('auto_augment', None, text, "timm auto-augment string: 'rand-m9-mstd0.5-inc1' (RandAugment), "
+           "'rand-n1-m10-mstd101-inc1-p1.0' (TrivialAugment-like), 'original' (AutoAugment); turns colour jitter off",
+           optional=True),
     Option('re_prob', 0.0, number, 'random erasing probability'),
     Option('re_mode', 'pixel', text, 'random erasing fill', choices=('pixel', 'rand', 'const')),
     Option('re_count', 1, integer, 'random erasing regions per image'),
@@ -196,6 +197,7 @@ OPTIONS = (
     Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=R),
     Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=R),
     Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=R),
+    Option('wandb_name', None, text, 'W&B run name (default: the experiment)', optional=True, role=R),
     Option('wandb_tags', [], listof(text), 'W&B tags', role=R),
     # actions: what to do with the run folder; never saved
     Option('resume', None, text, 'resume from this checkpoint instead of the newest one in the run folder',

@@ -144,7 +144,10 @@ def _with_batch_sampler(loader, dataset, batch_sampler):
     create_loader() takes no sampler: it picks RandomSampler, DistributedSampler or OrderedDistributedSampler itself
     (the last pads the validation set with duplicates). Exact mid-epoch resume, batches that do not depend on the
     number of processes, and exact distributed validation need the samplers above, so we keep everything else it
-    built (transforms, collate, worker settings, prefetcher) and swap the sampler.
+    built (transforms, collate, worker count, prefetcher) and swap the sampler.
+
+    Workers are not persistent: they ignore SIGTERM (see _worker_init), so they must end with each pass over the
+    data rather than be left for the interpreter's exit, which would stop them with SIGTERM.
     """
     inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
     rebuilt = torch.utils.data.DataLoader(
@@ -154,7 +157,6 @@ def _with_batch_sampler(loader, dataset, batch_sampler):
         collate_fn=inner.collate_fn,
         pin_memory=inner.pin_memory,
         worker_init_fn=_worker_init,
-        persistent_workers=inner.persistent_workers,
     )
     if isinstance(loader, PrefetchLoader):
         loader.loader = rebuilt
@@ -199,16 +201,19 @@ def classes_of(dataset) -> list:
     return list(getattr(dataset, 'classes', []))
 
 
+def prepare_builtin_data(config: dict):
+    """Write the built-in shapes dataset where a `dataset: builtin` run expects it, unless it is there."""
+    root = data_root(config)
+    if config['dataset'] == 'builtin' and not root.exists():
+        _logger.info(f'Generating the built-in shapes dataset in {root}')
+        builtin_data.generate(root, seed=0)
+
+
 def create_datasets(config: dict):
     """The training and validation datasets of a run, checked against each other and num_classes."""
     root = data_root(config)
-    dataset = config['dataset']
-    if dataset == 'builtin':
-        if not root.exists():
-            _logger.info(f'Generating the built-in shapes dataset in {root}')
-            builtin_data.generate(root, seed=0)
-        dataset = ''
-    elif not dataset and not root.is_dir():
+    dataset = '' if config['dataset'] == 'builtin' else config['dataset']
+    if not dataset and not root.is_dir():
         raise UserError(f'no dataset at {root} (set --data-dir or IMAGENET_DIR): expected '
                         f'{root}/train/<synset>/*.JPEG and {root}/val/<synset>/*.JPEG')
     train = open_image_folder(root, config['train_split'], dataset)
@@ -235,7 +240,19 @@ def data_configs(config: dict, model) -> tuple:
 
 
 def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, rank: int, device):
-    loader = create_loader(
+    try:
+        loader = _create_train_loader(dataset, config, data_cfg, layout, device)
+    except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the augmentation settings
+        raise UserError(f"augmentation settings refused by timm (auto_augment {config['auto_augment']!r}, "
+                        f"color_jitter {config['color_jitter']!r}): {e}") from None
+    sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'])
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
+    return _with_batch_sampler(loader, SeededSamples(dataset), sampler), sampler
+
+
+def _create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, device):
+    return create_loader(
         dataset,
         input_size=data_cfg['input_size'],
         batch_size=layout.micro_batch,
@@ -254,10 +271,6 @@ def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayo
         device=device,
         re_prob=0.0,  # applied per step by create_random_erasing(), see there
     )
-    sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'])
-    if sampler.steps_per_epoch == 0:
-        raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
-    return _with_batch_sampler(loader, SeededSamples(dataset), sampler), sampler
 
 
 def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, device, rank: int = 0,

@@ -101,6 +101,21 @@ def broadcast_object(obj, procs: Processes):
     return holder[0]
 
 
+def on_primary(fn, procs: Processes):
+    """Run fn() on rank 0 only and return its result on every rank; a UserError it raises is raised on every
+    rank, so no process waits forever for one that stopped."""
+    result, error = None, None
+    if procs.is_primary:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error), procs)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
 def barrier(procs: Processes):
     if procs.distributed:
         dist.barrier(group=procs.control_group)

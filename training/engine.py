@@ -33,6 +33,40 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+class BatchNormSteps:
+    """One update of the BatchNorm running statistics per optimizer step: the mean over its micro-batches and
+    processes.
+
+    BatchNorm updates its running mean and variance on every forward. With gradient accumulation that makes several
+    updates per step, and under DDP every process keeps its own; either way the evaluated weights would depend on
+    how the global batch is split. Here each micro-batch updates from the statistics the step started with and the
+    results are averaged, then over processes: the same as one update with the mean micro-batch statistics, on any
+    number of processes. The processes' statistics stay equal, so the EMA and the checkpoints see the same ones.
+    """
+
+    def __init__(self, model: torch.nn.Module, procs: Processes):
+        self.stats = [b for name, b in model.named_buffers()
+                      if name.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+        self.procs = procs
+        self.start = self.total = None
+
+    def before_micro(self, j: int):
+        if j == 0:
+            self.start = [b.clone() for b in self.stats]
+            self.total = [torch.zeros_like(b) for b in self.stats]
+        else:
+            torch._foreach_copy_(self.stats, self.start)
+
+    def after_micro(self):
+        torch._foreach_add_(self.total, self.stats)
+
+    def end_step(self, accum: int):
+        flat = torch.cat([t.double().flatten() for t in self.total]) / accum
+        flat = mean_over_ranks(flat, self.procs)
+        for b, mean in zip(self.stats, flat.split([b.numel() for b in self.stats])):
+            b.copy_(mean.view_as(b))
+
+
 @dataclass
 class Trainer:
     """What a training step needs: built by train.py, used by train_one_epoch()."""
@@ -44,6 +78,7 @@ class Trainer:
     mixup: Optional[Callable]
     random_erasing: Optional[Callable]
     model_ema: Optional[torch.nn.Module]
+    batchnorm: Optional[BatchNormSteps]  # None: a single process without accumulation needs no averaging
     scaler: Optional[object]  # timm NativeScaler, for float16
     layout: BatchLayout
     procs: Processes
@@ -69,15 +104,15 @@ def _loss_backward(t: Trainer, loss: torch.Tensor, last_micro: bool):
 
 
 def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int,
-                    decide: Callable[[], tuple], save: Callable[[], None], log: Callable[[dict], None]) -> dict:
+                    after_step: Callable[[], tuple], save: Callable[[], None], log: Callable[[dict], None]) -> dict:
     """Train from progress.step to the end of progress.epoch, updating `progress` after every optimizer step.
 
-    After each optimizer step, decide() returns (stop, save_due), agreed by all processes. Before a save the losses
+    After each optimizer step, after_step() returns (stop, save_due), agreed by all processes. Before a save the losses
     since the last check are verified finite, so a diverged state is never written; on stop, a recovery checkpoint is
     saved and Interrupted raised. log() receives the step metrics every log_interval steps and at the epoch's end.
 
     Returns:
-        Timing of the steps this call ran: seconds, img_per_sec, data_wait (share of time waiting for data).
+        Speed of the steps this call ran: img_per_sec, data_wait (share of the time spent waiting for data).
     """
     t.train_model.train()
     accum = t.layout.accum_steps
@@ -87,7 +122,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int
     step_loss = torch.zeros((), device=device)
     window, window_first_step = [], progress.step
     first_step = progress.step
-    epoch_start = window_start = last_end = time.perf_counter()
+    epoch_start = clock = window_start = last_end = time.perf_counter()
     wait = epoch_wait = 0.0
     for i, (x, y) in enumerate(loader):
         waited = time.perf_counter() - last_end
@@ -101,17 +136,23 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int
         if t.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         last_micro = j == accum - 1
+        if t.batchnorm is not None:
+            t.batchnorm.before_micro(j)
         no_sync = getattr(t.train_model, 'no_sync', None)
         with no_sync() if (no_sync is not None and not last_micro) else nullcontext():
             with autocast(device, t.amp_dtype):
                 loss = t.loss_fn(t.train_model(x), y)
             step_loss += loss.detach().float() / accum
             _loss_backward(t, loss / accum, last_micro)
+        if t.batchnorm is not None:
+            t.batchnorm.after_micro()
         if not last_micro:
             last_end = time.perf_counter()
             continue
 
         t.optimizer.zero_grad(set_to_none=True)
+        if t.batchnorm is not None:
+            t.batchnorm.end_step(accum)
         if t.model_ema is not None:
             t.model_ema.update(t.model)
             progress.ema_updates += 1
@@ -122,7 +163,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int
         window.append(step_loss)
         step_loss = torch.zeros((), device=device)
 
-        stop, save_due = decide()
+        stop, save_due = after_step()
         log_due = progress.step % t.log_interval == 0 or progress.step == steps_per_epoch
         if log_due or save_due or stop:
             losses = mean_over_ranks(torch.stack(window), t.procs)
@@ -145,15 +186,18 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int
             window_start = time.perf_counter()
         if save_due or stop:
             progress.loss_sum = mean_over_ranks(loss_sum, t.procs).item()
+            now = time.perf_counter()
+            progress.seconds, clock = progress.seconds + now - clock, now
             save()
         if stop:
             raise Interrupted()
         last_end = time.perf_counter()
     progress.loss_sum = mean_over_ranks(loss_sum, t.procs).item()
-    seconds = time.perf_counter() - epoch_start
-    steps = progress.step - first_step
-    return dict(seconds=seconds, img_per_sec=steps * t.layout.global_batch / max(seconds, 1e-9),
-                data_wait=epoch_wait / max(seconds, 1e-9))
+    now = time.perf_counter()
+    progress.seconds += now - clock
+    seconds = max(now - epoch_start, 1e-9)
+    return dict(img_per_sec=(progress.step - first_step) * t.layout.global_batch / seconds,
+                data_wait=epoch_wait / seconds)
 
 
 @torch.no_grad()

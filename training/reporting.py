@@ -1,10 +1,23 @@
-"""What a run reports: the log, summary.csv (one row per epoch), and the step log line."""
+"""What a run reports: the log, a terminal progress line, summary.csv, curves.png, and Weights & Biases."""
 import csv
 import io
 import logging
+import netrc
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import matplotlib
+import torch
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+_logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
     'epoch', 'train_loss', 'lr',
@@ -15,14 +28,58 @@ SUMMARY_COLUMNS = (
 TIMING_COLUMNS = ('epoch_seconds', 'img_per_sec', 'data_wait')
 
 
-def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0):
-    """Log to the terminal and to run_dir/log.txt (appended on resume); other ranks log warnings only."""
+class TerminalProgress:
+    """A progress line with ETA, redrawn in place on an interactive terminal; nothing at all elsewhere, so log files
+    and pipes get only whole log lines."""
+
+    def __init__(self, stream=sys.stderr, min_interval: float = 0.25):
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.min_interval = min_interval
+        self.shown = False
+        self.last = 0.0
+
+    def show(self, text: str, force: bool = False):
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last < self.min_interval):
+            return
+        self.stream.write('\r\x1b[K' + text)
+        self.stream.flush()
+        self.shown, self.last = True, now
+
+    def clear(self):
+        if self.shown:
+            self.stream.write('\r\x1b[K')
+            self.stream.flush()
+            self.shown = False
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """Clears the progress line before a log line, so the two never mix."""
+
+    def __init__(self, stream, progress: TerminalProgress):
+        super().__init__(stream)
+        self.progress = progress
+
+    def emit(self, record):
+        self.progress.clear()
+        super().emit(record)
+
+
+def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0) -> TerminalProgress:
+    """Log to the terminal and to run_dir/log.txt (appended on resume); other ranks log warnings only.
+
+    Returns:
+        The terminal progress line (disabled when not on a terminal, and on ranks other than 0).
+    """
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
+    progress = TerminalProgress()
+    progress.enabled = progress.enabled and is_primary
     formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
-    console = logging.StreamHandler(sys.stdout)
+    console = _ConsoleHandler(sys.stdout, progress)
     console.setFormatter(formatter if is_primary else logging.Formatter(f'[rank {rank}] %(message)s'))
     root.addHandler(console)
     if is_primary:
@@ -31,12 +88,16 @@ def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0):
         root.addHandler(file_handler)
     root.setLevel(logging.INFO if is_primary else logging.WARNING)
     logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)  # lists its files every epoch
+    return progress
 
 
 def duration(seconds: float) -> str:
     seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
+    if days:
+        return f'{days}d{hours:02d}h'
     return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
 
 
@@ -44,6 +105,15 @@ def step_line(m: dict) -> str:
     return (f"epoch {m['epoch']} step {m['step']}/{m['steps_per_epoch']}  loss {m['loss']:.5f}  lr {m['lr']:.4g}  "
             f"{m['img_per_sec']:.0f} img/s  data wait {100 * m['data_wait']:.0f}%  "
             f"eta epoch {duration(m['eta_epoch'])} run {duration(m['eta_run'])}")
+
+
+def progress_line(epoch: int, epochs: int, step: int, steps: int, seconds_per_step: float) -> str:
+    width = 24
+    done = int(width * step / steps)
+    left_epoch = (steps - step) * seconds_per_step
+    left_run = left_epoch + (epochs - epoch - 1) * steps * seconds_per_step
+    return (f'epoch {epoch + 1}/{epochs} [{"=" * done}{" " * (width - done)}] {100 * step / steps:3.0f}% '
+            f'{step}/{steps}  eta epoch {duration(left_epoch)} run {duration(left_run)}')
 
 
 def epoch_line(row: dict) -> str:
@@ -70,3 +140,182 @@ def read_summary(path) -> list:
     """summary.csv rows as dicts of floats (None where empty)."""
     with open(path, newline='') as f:
         return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_runs(runs: dict, path: Path):
+    """One PNG (1200x800 px) of per-epoch curves: val top-1 (raw solid, EMA dashed), val loss, train loss, lr.
+
+    Args:
+        runs: {label: summary rows}; one run gives its curves.png, several are overlaid.
+    """
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    panels = [(axes[0, 0], 'val_top1', 'validation top-1 (%)'), (axes[0, 1], 'val_loss', 'validation loss'),
+              (axes[1, 0], 'train_loss', 'train loss'), (axes[1, 1], 'lr', 'learning rate (end of epoch)')]
+    for i, (label, rows) in enumerate(runs.items()):
+        colour = f'C{i % 10}'
+        epochs = [r['epoch'] for r in rows]
+        for ax, column, _ in panels:
+            ax.plot(epochs, [r[column] for r in rows], color=colour, marker='.', label=label)
+            ema = [r.get(f'ema_{column}') for r in rows]
+            if column.startswith('val_') and any(v is not None for v in ema):
+                ax.plot(epochs, ema, color=colour, linestyle='--', label=f'{label} (EMA)')
+    for ax, _, title in panels:
+        ax.set_title(title)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize='small')
+    fig.tight_layout()
+    tmp = path.with_name(path.name + '.tmp.png')
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get('WANDB_API_KEY'):
+        return True
+    host = urlparse(os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def environment(world_size: int) -> dict:
+    cuda = torch.cuda.is_available()
+    return dict(gpu=torch.cuda.get_device_name(0) if cuda else None, gpus_per_node=torch.cuda.device_count(),
+                world_size=world_size, cpus=os.cpu_count(), python=sys.version.split()[0])
+
+
+class WandbLogger:
+    """Weights & Biases logging for rank 0 that never stops training: a failure warns once and turns it off.
+
+    Runs are named by experiment and grouped by recipe, so the runs of one recipe line up. Without an API key (or
+    when the online start fails) it logs offline into the run folder, to be uploaded with `wandb sync`.
+    """
+
+    def __init__(self, config: dict, run_dir: Path, run_id: Optional[str], extra_config: dict):
+        self.run = None
+        self.offline = False
+        try:
+            import wandb
+            mode = os.environ.get('WANDB_MODE')
+            if mode is None and not _has_wandb_key():
+                mode = 'offline'
+                _logger.warning('WARNING: no W&B API key found: logging to W&B offline')
+            kwargs = dict(
+                project=config['wandb_project'], entity=config['wandb_entity'], dir=str(run_dir),
+                name=config['wandb_name'] or config['experiment'],
+                group=config['wandb_group'] or config['recipe'] or config['experiment'],
+                tags=config['wandb_tags'], config=extra_config, id=run_id, resume='allow' if run_id else None,
+                settings=wandb.Settings(console='off', init_timeout=60))
+            try:
+                self.run = wandb.init(mode=mode, **kwargs)
+            except Exception as e:
+                if mode == 'offline':
+                    raise
+                _logger.warning(f'WARNING: W&B online start failed ({e}); logging offline instead')
+                self.run = wandb.init(mode='offline', **kwargs)
+            self.offline = self.run.settings.mode == 'offline' or self.run.offline
+            self.run.define_metric('epoch')
+            self.run.define_metric('epoch/*', step_metric='epoch')
+        except Exception as e:
+            self._fail(e)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.run.id if self.run is not None else None
+
+    def _fail(self, error: Exception):
+        _logger.warning(f'WARNING: W&B failed ({type(error).__name__}: {str(error)[:200]}); W&B logging is off for '
+                        'the rest of this run, training goes on')
+        self.run = None
+
+    def _safely(self, fn):
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            self._fail(e)
+
+    def log_step(self, metrics: dict):
+        """Training metrics of a log line, at step = global optimizer step."""
+        data = {f'train/{k}': metrics[k] for k in ('loss', 'lr', 'img_per_sec', 'data_wait')}
+        data['epoch_progress'] = metrics['epoch'] + metrics['step'] / metrics['steps_per_epoch']
+        self._safely(lambda: self.run.log(data, step=metrics['global_step']))
+
+    def log_epoch(self, row: dict, global_step: int):
+        """A summary.csv row as epoch/<column>, plotted against `epoch`."""
+        data = {f'epoch/{k}': v for k, v in row.items() if k != 'epoch' and v is not None}
+        data['epoch'] = row['epoch']
+        self._safely(lambda: self.run.log(data, step=global_step))
+
+    def set_best(self, metric: str, value: float, weights: str, epoch: int):
+        self._safely(lambda: self.run.summary.update(
+            {f'best/{metric}': value, 'best/weights': weights, 'best/epoch': epoch}))
+
+    def finish(self):
+        if self.run is None:
+            return
+        directory = self.run.dir.rsplit('/files', 1)[0] if self.run.dir else ''
+        self._safely(self.run.finish)
+        if self.offline:
+            _logger.info(f'W&B logged offline; upload with: wandb sync {directory}')
+
+
+class Reporter:
+    """What a run reports as it goes, on rank 0 only: log lines, the terminal progress line, summary.csv,
+    curves.png and W&B."""
+
+    def __init__(self, run_dir: Path, is_primary: bool, progress: TerminalProgress, epochs: int,
+                 wandb_logger: Optional[WandbLogger] = None):
+        self.run_dir = run_dir
+        self.is_primary = is_primary
+        self.progress = progress
+        self.epochs = epochs
+        self.wandb = wandb_logger
+        self.step_time = None
+        self.last_tick = None
+
+    def step(self, metrics: dict):
+        _logger.info(step_line(metrics))
+        if self.wandb is not None:
+            self.wandb.log_step(metrics)
+
+    def tick(self, epoch: int, step: int, steps_per_epoch: int):
+        """After every optimizer step: refresh the terminal progress line (costs nothing elsewhere)."""
+        if not self.progress.enabled:
+            return
+        now = time.monotonic()
+        if self.last_tick is not None:
+            elapsed = now - self.last_tick
+            self.step_time = elapsed if self.step_time is None else 0.9 * self.step_time + 0.1 * elapsed
+        self.last_tick = now
+        if self.step_time is not None:
+            self.progress.show(progress_line(epoch, self.epochs, step, steps_per_epoch, self.step_time),
+                               force=step == steps_per_epoch)
+
+    def epoch(self, row: dict, history: list, global_step: int):
+        self.last_tick = None  # evaluation time is not step time
+        _logger.info(epoch_line(row))
+        if self.wandb is not None:
+            self.wandb.log_epoch(row, global_step)
+        self.files(history)
+
+    def files(self, history: list):
+        """summary.csv and curves.png of the run so far (also rewritten on resume, from the checkpoint)."""
+        if self.is_primary:
+            write_summary(self.run_dir, history)
+            if history:
+                plot_runs({self.run_dir.name: history}, self.run_dir / 'curves.png')
+
+    def best(self, metric: str, value: float, weights: str, epoch: int):
+        if self.wandb is not None:
+            self.wandb.set_best(metric, value, weights, epoch)
+
+    def finish(self):
+        self.progress.clear()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+import train
+from training.config import UserError, parse_config
+from training.data import (BatchLayout, EvalBatchSampler, SeededSamples, TrainBatchSampler, create_train_loader,
+                           open_image_folder)
+
+
+def flat(batches) -> list:
+    return [item for batch in batches for item in batch]
+
+
+def test_an_epoch_trains_each_sample_at_most_once_and_steps_cover_whole_batches():
+    sampler = TrainBatchSampler(103, BatchLayout.create(16, 1, None), rank=0, seed=1)
+    items = flat(sampler)
+    assert sampler.steps_per_epoch == 6 and len(items) == 96
+    assert len({index for index, _ in items}) == 96 and all(0 <= i < 103 for i, _ in items)
+    sampler.set_position(1, 0)
+    assert [i for i, _ in flat(sampler)] != [i for i, _ in items]  # a new order every epoch
+
+
+def test_steps_hold_the_same_samples_and_seeds_on_any_number_of_processes():
+    one = TrainBatchSampler(100, BatchLayout.create(16, 1, 8), rank=0, seed=3)
+    ranks = [TrainBatchSampler(100, BatchLayout.create(16, 2, None), rank=r, seed=3) for r in (0, 1)]
+    one_batches = list(one)
+    rank_batches = [list(s) for s in ranks]
+    assert len(one_batches) == 12 and all(len(b) == 6 for b in rank_batches)
+    for step in range(6):  # 1 process, micro-batches 2k and 2k+1 == rank 0 and rank 1 of step k
+        assert one_batches[2 * step] == rank_batches[0][step]
+        assert one_batches[2 * step + 1] == rank_batches[1][step]
+
+
+def test_resuming_at_a_step_yields_exactly_the_remaining_batches():
+    layout = BatchLayout.create(8, 1, None)
+    full = list(TrainBatchSampler(50, layout, rank=0, seed=0))
+    resumed = TrainBatchSampler(50, layout, rank=0, seed=0)
+    resumed.set_position(0, 4)
+    assert len(resumed) == 2 and list(resumed) == full[4:]
+
+
+def test_batch_layout_splits_the_global_batch():
+    assert BatchLayout.create(1024, 8, None).micro_batch == 128
+    layout = BatchLayout.create(256, 1, 48)
+    assert (layout.accum_steps, layout.micro_batch) == (8, 32)  # 6 would not divide 256
+    with pytest.raises(UserError, match='batch_size 100 is not divisible by 8 processes'):
+        BatchLayout.create(100, 8, None)
+
+
+@pytest.mark.parametrize('size, world', [(47, 2), (47, 3), (5, 4), (64, 2)])
+def test_validation_shards_count_each_image_once(size, world):
+    samplers = [EvalBatchSampler(size, 8, r, world) for r in range(world)]
+    indices = sorted(i for s in samplers for i in flat(s))
+    assert indices == list(range(size))
+    assert all(s.common_batches <= len(s) for s in samplers)
+
+
+def test_a_samples_augmentation_depends_on_its_seed_only(shapes):
+    config = parse_config(['--img-size', '32', '--color-jitter', '0.4', '--auto-augment', 'rand-m9-mstd0.5', '-j', '0'])
+    dataset = open_image_folder(shapes, 'train')
+    loader, _ = create_train_loader(dataset, config, dict(input_size=(3, 32, 32), interpolation='bilinear',
+                                    mean=(0.5,) * 3, std=(0.25,) * 3), BatchLayout.create(8, 1, None), 0,
+                                    torch.device('cpu'))
+    seeded = SeededSamples(dataset)
+    first = seeded[(3, 1234)][0]
+    for other in range(5):
+        seeded[(other, other)]
+    assert torch.equal(seeded[(3, 1234)][0], first)
+    assert not torch.equal(seeded[(3, 1235)][0], first)
+
+
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'rand-n1-m10-mstd101-inc1-p1.0', 'original'])
+def test_auto_augment_policies_produce_batches(shapes, policy):
+    config = parse_config(['--img-size', '32', '--auto-augment', policy, '-j', '0'])
+    loader, _ = create_train_loader(open_image_folder(shapes, 'train'), config,
+                                    dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3,
+                                         std=(0.25,) * 3), BatchLayout.create(8, 1, None), 0, torch.device('cpu'))
+    x, y = next(iter(loader))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+
+
+def test_optimizers_skip_weight_decay_on_norm_layers_and_biases():
+    model = train.build_model(parse_config([]), 10)
+    for name, cls in (('momentum', 'SGD'), ('adamw', 'AdamW'), ('lamb', 'Lamb')):
+        optimizer = train.build_optimizer(parse_config(['--opt', name, '--weight-decay', '0.05']), model)
+        assert type(optimizer).__name__ == cls
+        for group in optimizer.param_groups:
+            assert group['weight_decay'] == (0.0 if all(p.ndim <= 1 for p in group['params']) else 0.05)
+    with pytest.raises(UserError, match="optimizer 'adamq'"):
+        train.build_optimizer(parse_config(['--opt', 'adamq']), model)
+
+
+def test_cosine_schedule_with_warmup_is_a_function_of_the_step():
+    config = parse_config(['--lr', '0.4', '--epochs', '10', '--warmup-epochs', '2', '--warmup-lr', '0.0',
+                           '--min-lr', '0.01'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch=10)
+
+    def lr_at(step):
+        scheduler.step_update(num_updates=step)
+        return optimizer.param_groups[0]['lr']
+    assert lr_at(0) == 0.0 and lr_at(10) == pytest.approx(0.2)  # linear warmup over 20 steps
+    assert lr_at(50) == pytest.approx(0.01 + 0.39 * 0.5)  # timm's cosine spans all 100 steps, warmup included
+    assert lr_at(100) == pytest.approx(0.01)
+    assert lr_at(35) == lr_at(35)  # no hidden state: the same step gives the same lr
+
+
+def test_an_unknown_auto_augment_policy_is_a_clear_error(shapes):
+    config = parse_config(['--img-size', '32', '--auto-augment', 'trivialaugment'])
+    with pytest.raises(UserError, match="augmentation settings refused by timm .*'trivialaugment'"):
+        create_train_loader(open_image_folder(shapes, 'train'), config, dict(
+            input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3),
+            BatchLayout.create(8, 1, None), 0, torch.device('cpu'))

@@ -1,0 +1,148 @@
+"""Comparing runs: W&B (checked offline, from the run files it writes), curves.png, tools/compare.py, progress."""
+import os
+import pty
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from tools import compare
+
+from conftest import REPO, TINY, run_train, summary
+from wandb_records import read_run
+
+SUMMARY_KEYS = ('train_loss', 'lr', 'val_loss', 'val_top1', 'val_top5', 'ema_val_loss', 'ema_val_top1',
+                'ema_val_top5', 'epoch_seconds', 'img_per_sec', 'data_wait')
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+
+
+def wandb_runs(run_dir):
+    """The W&B runs written into a run folder, oldest first."""
+    return [read_run(path) for path in sorted(run_dir.glob('wandb/offline-run-*/run-*.wandb'))]
+
+
+def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_path, offline):
+    args = ('--log-wandb', '--wandb-tags', 'tiny', 'cpu', '--wandb-group', 'tests')
+    assert run_train(shapes, tmp_path, '--epochs', '1', *args) == 0
+    assert run_train(shapes, tmp_path, '--epochs', '2', '--allow-config-change', *args) == 0
+    first, resumed = wandb_runs(tmp_path / 'run')
+    assert resumed['id'] == first['id']  # the id travels in the checkpoint
+    assert (first['name'], first['group'], first['tags']) == ('run', 'tests', ['tiny', 'cpu'])
+    assert first['config']['lr'] == 1e-3 and first['config']['model'] == 'resnet50_custom'
+    assert first['config']['environment']['world_size'] == 1
+    assert set(first['config']['versions']) == {'torch', 'timm', 'git'}
+
+    epochs = [h for run in (first, resumed) for h in run['history'] if 'epoch' in h]
+    rows = summary(tmp_path / 'run')
+    assert [h['epoch'] for h in epochs] == [r['epoch'] for r in rows] == [0, 1]
+    for logged, row in zip(epochs, rows):
+        for key in SUMMARY_KEYS:
+            assert logged[f'epoch/{key}'] == pytest.approx(row[key], rel=1e-12), key
+    steps = [h for h in first['history'] if 'train/loss' in h]
+    assert [h['_step'] for h in steps] == [1, 2, 3, 4, 5]  # log_interval 1: every optimizer step
+    assert {'train/lr', 'train/img_per_sec', 'train/data_wait'} <= set(steps[0])
+    best = max(rows, key=lambda r: max(r['val_top1'], r['ema_val_top1']))
+    assert resumed['summary']['best/top1'] == max(best['val_top1'], best['ema_val_top1'])
+    assert resumed['summary']['best/epoch'] == best['epoch']
+
+
+def test_without_an_api_key_it_logs_offline_and_says_how_to_upload(shapes, tmp_path, monkeypatch):
+    for name in ('WANDB_MODE', 'WANDB_API_KEY'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--log-wandb') == 0
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert 'no W&B API key found: logging to W&B offline' in log
+    sync = re.search(r'upload with: wandb sync (\S+)', log).group(1)
+    assert list((tmp_path / 'run' / 'wandb').glob('offline-run-*'))[0].as_posix() == sync
+
+
+def test_a_wandb_failure_warns_once_and_training_goes_on(shapes, tmp_path, offline, monkeypatch):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise ConnectionError('W&B is down')
+    monkeypatch.setattr(wandb, 'init', broken_init)
+    assert run_train(shapes, tmp_path, '--log-wandb') == 0
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert log.count('W&B failed') == 1 and 'training goes on' in log
+    assert len(summary(tmp_path / 'run')) == 2
+
+
+@pytest.fixture(scope='module')
+def two_runs(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp('compare')
+    for name, lr in (('lr_low', '1.0e-3'), ('lr_high', '3.0e-3')):
+        assert run_train(shapes, output, '--lr', lr, experiment=name) == 0
+    return output / 'lr_low', output / 'lr_high'
+
+
+def test_every_run_folder_gets_curves_png(two_runs):
+    with Image.open(two_runs[0] / 'curves.png') as image:
+        assert image.format == 'PNG' and image.size == (1200, 800)
+        assert len(set(image.convert('L').getdata())) > 10  # drawn, not blank
+
+
+def test_compare_prints_the_numbers_of_summary_csv_and_the_differing_settings(two_runs, tmp_path, capsys):
+    still_going = tmp_path / 'still_going'
+    still_going.mkdir()
+    (still_going / 'config.yaml').write_text((two_runs[0] / 'config.yaml').read_text())
+    (still_going / 'summary.csv').write_text((two_runs[0] / 'summary.csv').read_text().splitlines()[0] + '\n')
+    out = tmp_path / 'compare.png'
+    assert compare.main([str(p) for p in (*two_runs, still_going)] + ['--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    for run_dir in two_runs:
+        rows = summary(run_dir)
+        best = max(rows, key=lambda r: max(r['val_top1'], r['ema_val_top1']))
+        best_top1 = max(best['val_top1'], best['ema_val_top1'])
+        final = max(rows[-1]['val_top1'], rows[-1]['ema_val_top1'])
+        speed = sum(r['img_per_sec'] for r in rows) / len(rows)
+        line = next(line for line in printed.splitlines() if line.startswith(f'| {run_dir.name} |'))
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        assert cells[1:6] == ['2', f'{best_top1:.2f}', str(int(best['epoch'])), cells[4], f'{final:.2f}']
+        assert cells[7] == f'{speed:.0f}'
+    assert '| still_going | 0 | - |' in printed
+    assert '| lr | 0.001 | 0.003 | 0.001 |' in printed
+    with Image.open(out) as image:
+        assert image.size == (1200, 800)
+
+
+def test_progress_line_only_on_a_terminal(shapes, tmp_path):
+    command = [sys.executable, str(REPO / 'train.py'), '--data-dir', str(shapes), '--output', str(tmp_path),
+               '--experiment', 'tty', *TINY, '--epochs', '1', '--log-interval', '5']
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(command, cwd=REPO, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    terminal = b''
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    assert proc.wait() == 0
+    os.close(leader)
+    assert re.search(rb'\r\x1b\[K.*epoch 1/1 \[=+ *\] +\d+% \d/5 .*eta epoch', terminal)
+    log = (tmp_path / 'tty' / 'log.txt').read_text()
+    assert '\r' not in log and '\x1b' not in log and 'epoch 0 step 5/5' in log
+
+    piped = subprocess.run([*command[:7], 'piped', *command[8:]], cwd=REPO, capture_output=True, text=True)
+    assert piped.returncode == 0 and '\r' not in piped.stdout + piped.stderr
+
+
+def test_resumed_config_yaml_still_names_the_recipe(shapes, tmp_path):
+    recipe = tmp_path / 'my_recipe.yaml'
+    recipe.write_text('epochs: 1\n')
+    assert run_train(shapes, tmp_path, '-c', str(recipe)) == 0
+    assert yaml.safe_load((tmp_path / 'run' / 'config.yaml').read_text())['recipe'] == 'my_recipe'

@@ -1,0 +1,184 @@
+"""Interruptions are non-events: killed at any moment and re-run, a run ends bit-identical to an uninterrupted one."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+
+import pytest
+import torch
+
+import train
+import validate
+from training import builtin_data
+from training.reporting import TIMING_COLUMNS
+
+from conftest import assert_same_weights, load, run_train, spawn_train, summary
+
+# workers, Mixup/CutMix, random erasing, drop path and EMA on; a recovery checkpoint every 2 of the 10 steps
+EXACT = ['-j', '1', '--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5', '--drop-path-rate', '0.1',
+         '--recovery-interval', '2', '--deterministic']
+
+
+def run_until(data, output, pattern, sig, *args):
+    """Start train.py, send `sig` once a log line matches `pattern`, and return (exit code, output)."""
+    proc = spawn_train(data, output, *EXACT, *args)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if pattern and re.search(pattern, line):
+            os.kill(proc.pid, sig)
+            break
+    lines.append(proc.stdout.read())
+    return proc.wait(), ''.join(lines)
+
+
+def assert_same_run(run_dir, reference):
+    final, expected = load(run_dir / 'last.pth.tar'), load(reference / 'last.pth.tar')
+    assert_same_weights(final['state_dict'], expected['state_dict'])
+    assert_same_weights(final['state_dict_ema'], expected['state_dict_ema'])
+    rows, expected_rows = summary(run_dir), summary(reference)
+    assert len(rows) == len(expected_rows)
+    for row, expected_row in zip(rows, expected_rows):
+        assert {k: v for k, v in row.items() if k not in TIMING_COLUMNS} == \
+               {k: v for k, v in expected_row.items() if k not in TIMING_COLUMNS}
+
+
+@pytest.fixture(scope='module')
+def reference(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp('reference')
+    rc, log = run_until(shapes, output, None, None)
+    assert rc == 0, log
+    return output / 'run'
+
+
+def test_checkpoint_holds_everything_to_continue(reference):
+    state = load(reference / 'last.pth.tar')
+    assert set(state['rng']) >= {'python', 'numpy', 'torch'}
+    assert state['progress']['global_step'] == 10 and state['progress']['ema_updates'] == 10
+    assert state['saver']['best_metric'] is not None and state['saver']['checkpoint_files']
+    assert set(state['versions']) == {'torch', 'timm', 'git'} and state['versions']['torch'] == torch.__version__
+    assert state['config']['recovery_interval'] == 2 and state['world_size'] == 1
+    assert len(state['progress']['history']) == 2
+
+
+def test_sigkill_at_three_moments_then_rerun_is_bit_exact(shapes, tmp_path, reference):
+    moments = [
+        r'epoch 0 step 3/5',  # mid-epoch, one step after a recovery checkpoint
+        r'epoch 0 step 5/5',  # at the epoch boundary, before its evaluation and checkpoint
+        r'Saving recovery checkpoint recovery-1-1',  # while a checkpoint is written
+    ]
+    for moment in moments:
+        rc, log = run_until(shapes, tmp_path, moment, signal.SIGKILL)
+        assert rc == -signal.SIGKILL, log
+    rc, log = run_until(shapes, tmp_path, None, None)
+    assert rc == 0, log
+    assert 'Resuming' in log
+    assert_same_run(tmp_path / 'run', reference)
+
+
+def test_sigterm_saves_a_recovery_checkpoint_and_exits_75(shapes, tmp_path, reference):
+    rc, log = run_until(shapes, tmp_path, r'epoch 1 step 3/5', signal.SIGTERM)
+    assert rc == train.EXIT_INTERRUPTED, log
+    assert 'SIGTERM received' in log and 'run the same command again to continue' in log
+    saved = re.findall(r'Saving recovery checkpoint (recovery-1-\d)', log)[-1]
+    state = load(tmp_path / 'run' / f'{saved}.pth.tar')
+    assert state['progress']['epoch'] == 1 and state['progress']['step'] >= 3
+    rc, log = run_until(shapes, tmp_path, None, None)
+    assert rc == 0 and f'Resuming {tmp_path}/run/{saved}.pth.tar' in log
+    assert_same_run(tmp_path / 'run', reference)
+
+
+def test_truncated_last_checkpoint_falls_back_to_the_previous_with_a_warning(shapes, tmp_path, reference):
+    subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)  # keeps the hard links
+    last = tmp_path / 'run' / 'last.pth.tar'
+    with open(last, 'r+b') as f:  # truncated in place: its hard links (checkpoint-1, model_best) with it
+        f.truncate(last.stat().st_size // 2)
+    rc, log = run_until(shapes, tmp_path, None, None)
+    assert rc == 0, log
+    assert 'WARNING: skipping checkpoint last.pth.tar' in log
+    assert re.search(r'Resuming \S+recovery-1-3.pth.tar: epoch 1, step 3/5', log)
+    assert_same_run(tmp_path / 'run', reference)
+
+
+def test_changed_recipe_is_refused_with_its_differences_unless_allowed(shapes, tmp_path, capsys):
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    assert run_train(shapes, tmp_path, '--epochs', '2', '--lr', '2.0e-3', '-b', '8') == 2
+    err = capsys.readouterr().err
+    assert 'would change the experiment (batch_size: 16 -> 8; lr: 0.001 -> 0.002; epochs: 1 -> 2)' in err
+    assert '--allow-config-change' in err
+    assert run_train(shapes, tmp_path, '--epochs', '2', '--lr', '2.0e-3', '--allow-config-change') == 0
+    assert 'resuming with a changed setting: lr: 0.001 -> 0.002' in (tmp_path / 'run' / 'log.txt').read_text()
+    assert [r['epoch'] for r in summary(tmp_path / 'run')] == [0, 1]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_class_count(shapes, tmp_path, capsys):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--model', 'resnet18', experiment='other') == 0
+    other = tmp_path / 'other' / 'last.pth.tar'
+    assert run_train(shapes, tmp_path, '--resume', str(other)) == 2
+    assert 'holds resnet18 with 10 classes; this run trains resnet50_custom with 10 classes' in capsys.readouterr().err
+    five = builtin_data.generate(tmp_path / 'five', train_per_class=4, val_per_class=1, image_size=32)
+    for name in builtin_data.CLASSES[5:]:
+        shutil.rmtree(five / 'train' / name)
+        shutil.rmtree(five / 'val' / name)
+    assert run_train(five, tmp_path, '--model', 'resnet18', '--resume', str(other)) == 2
+    assert 'holds resnet18 with 10 classes; this run trains resnet18 with 5 classes' in capsys.readouterr().err
+
+
+def test_start_over_needs_the_flag_and_then_begins_afresh(shapes, tmp_path):
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    first = summary(tmp_path / 'run')
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0  # the same command again: finished, nothing changes
+    assert summary(tmp_path / 'run') == first
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--seed', '7', '--start-over') == 0
+    again = summary(tmp_path / 'run')
+    assert len(again) == 1 and again[0]['train_loss'] != first[0]['train_loss']
+    assert not (tmp_path / 'run' / 'previous.pth.tar').exists()
+
+
+def test_explicit_resume_path_continues_from_that_checkpoint(shapes, tmp_path, reference):
+    shutil.copytree(reference, tmp_path / 'old')
+    rc, log = run_until(shapes, tmp_path, None, None, '--resume', str(tmp_path / 'old' / 'recovery-1-1.pth.tar'))
+    assert rc == 0 and 'Resuming' in log and 'epoch 1, step 1/5' in log
+    assert_same_run(tmp_path / 'run', reference)
+
+
+def test_initial_checkpoint_starts_a_new_schedule_from_its_weights(shapes, tmp_path, reference):
+    source = load(reference / 'last.pth.tar')
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--lr', '1.0e-12', '--initial-checkpoint',
+                     str(reference / 'last.pth.tar'), '--initial-weights', 'raw', '--no-model-ema') == 0
+    state = load(tmp_path / 'run' / 'last.pth.tar')
+    assert state['progress']['global_step'] == 5 and len(state['progress']['history']) == 1
+    for name in ('conv1.weight', 'layer4.2.conv3.weight', 'fc.weight'):
+        assert torch.allclose(state['state_dict'][name], source['state_dict'][name], atol=1e-6)
+
+
+def test_ema_top1_after_an_interruption_equals_the_logged_value(shapes, tmp_path, reference):
+    rc, _ = run_until(shapes, tmp_path, r'epoch 1 step 2/5', signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    logged = summary(tmp_path / 'run')[0]['ema_val_top1']
+    out = tmp_path / 'ema.json'
+    assert validate.main(['--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--weights', 'ema', '-j', '0',
+                          '--device', 'cpu', '--results-file', str(out)]) == 0
+    assert json.loads(out.read_text())['top1'] == pytest.approx(logged, abs=0.01)
+    assert logged == summary(reference)[0]['ema_val_top1']
+
+
+def test_failed_save_is_loud_keeps_the_last_good_checkpoint_and_training_goes_on(shapes, tmp_path, monkeypatch,
+                                                                                  capsys):
+    from training import checkpoint
+
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    good = load(tmp_path / 'run' / 'last.pth.tar')
+
+    def disk_full(obj, path):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(checkpoint, 'fsync_write', disk_full)
+    assert run_train(shapes, tmp_path, '--epochs', '2', '--allow-config-change') == 0
+    out = capsys.readouterr().out
+    assert 'ERROR: could not save the epoch checkpoint' in out and 'No space left on device' in out
+    assert_same_weights(load(tmp_path / 'run' / 'last.pth.tar')['state_dict'], good['state_dict'])
+    assert [r['epoch'] for r in summary(tmp_path / 'run')] == [0, 1]  # training went on and logged its epoch

@@ -1,0 +1,60 @@
+"""Reads the records of a W&B run file (run-<id>.wandb), as the tests check what W&B wrote.
+
+The file is W&B's header (':W&B', magic 0xBEE1, version 0) followed by LevelDB's log format: 32 KiB blocks of
+chunks, each with a 7-byte header (CRC-32 of type and data, little-endian length, type: 1 full, 2 first, 3 middle,
+4 last); a record is the data of one full chunk or of a first..last sequence, and holds one
+wandb_internal_pb2.Record.
+"""
+import json
+import struct
+import zlib
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK, HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> list:
+    data = Path(path).read_bytes()
+    assert data[:4] == b':W&B' and struct.unpack('<HB', data[4:7]) == (0xBEE1, 0), 'not a W&B run file'
+    result, pending, pos = [], b'', 7
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        checksum, length, kind = struct.unpack('<IHB', data[pos:pos + HEADER])
+        if kind == 0:  # zero padding up to the end of the block
+            pos += room
+            continue
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == checksum, f'bad checksum at byte {pos}'
+        pos += HEADER + length
+        pending = chunk if kind in (FULL, FIRST) else pending + chunk
+        if kind in (FULL, LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            result.append(record)
+    return result
+
+
+def _items(items) -> dict:
+    return {item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in items}
+
+
+def read_run(path: Path) -> dict:
+    """The run record (id, name, group, tags, config), its history rows and its summary updates."""
+    run, history, summary = None, [], {}
+    for record in records(path):
+        kind = record.WhichOneof('record_type')
+        if kind == 'run':
+            run = record.run
+        elif kind == 'history':
+            history.append(_items(record.history.item))
+        elif kind == 'summary':
+            summary.update({k: v for k, v in _items(record.summary.update).items() if k})
+    config = _items(run.config.update)
+    return dict(id=run.run_id, name=run.display_name, group=run.run_group, tags=list(run.tags), config=config,
+                history=history, summary=summary)

@@ -7,7 +7,9 @@
 Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 75 interrupted by a signal after saving a
 recovery checkpoint (run the same command again to continue), 128+N a second signal N (exit without saving).
 """
+import dataclasses
 import logging
+import os
 import shutil
 import sys
 import time
@@ -108,9 +110,8 @@ def find_resume_state(config: dict, run_dir: Path, procs) -> tuple:
     found = {}
 
     def newest() -> Optional[str]:
-        had_checkpoints = bool(checkpoint.run_files(run_dir))
         path, found['state'] = checkpoint.newest_valid(run_dir)
-        if had_checkpoints and path is None:
+        if (path is None) and checkpoint.run_files(run_dir, '.corrupt'):
             raise UserError(f'{run_dir} holds checkpoints but none loads; pass --start-over to train from scratch')
         return None if path is None else str(path)
     path = distributed.on_primary(newest, procs)
@@ -134,7 +135,7 @@ def check_resume(config: dict, state: dict, path, num_classes: int, data_fingerp
 def load_initial_weights(model: torch.nn.Module, config: dict):
     path = config['initial_checkpoint']
     weights = checkpoint.weights_from(checkpoint.load(path), config['initial_weights'], path)
-    head = model.get_classifier(name_only=True)
+    head = model.pretrained_cfg['classifier']
     if weights.get(f'{head}.weight') is not None and weights[f'{head}.weight'].shape[0] != model.num_classes:
         weights = {k: v for k, v in weights.items() if not k.startswith(head + '.')}
         _logger.info(f'Classifier of {path} has another class count: it starts from scratch')
@@ -154,33 +155,26 @@ def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float,
     return row
 
 
-def ranking_metric(row: dict, metric: str) -> tuple:
-    """(value, weights kind) of the better of the raw and EMA weights for the ranking metric."""
-    candidates = [(row[f'val_{metric}'], 'raw')]
-    if row.get(f'ema_val_{metric}') is not None:
-        candidates.append((row[f'ema_val_{metric}'], 'ema'))
-    return (min if metric == 'loss' else max)(candidates, key=lambda c: c[0])
-
-
-def best_of(history: list, metric: str) -> tuple:
-    """(value, weights kind, epoch) of the best epoch of a run."""
-    ranked = [(*ranking_metric(row, metric), int(row['epoch'])) for row in history]
-    return (min if metric == 'loss' else max)(ranked, key=lambda r: r[0])
-
-
-def resume_state(config: dict, state: dict, path, model, model_ema, optimizer, scaler) -> Progress:
+def resume_state(config: dict, state: dict, model, model_ema, optimizer, scaler) -> Progress:
     """Load a checkpoint's full training state into the components; returns where the run stands."""
     model.load_state_dict(state['state_dict'])
     if model_ema is not None:
-        model_ema.module.load_state_dict(checkpoint.weights_from(state, 'ema', path))
+        if 'state_dict_ema' in state:
+            model_ema.module.load_state_dict(state['state_dict_ema'])
+        else:
+            _logger.warning('WARNING: the checkpoint has no EMA weights; the EMA starts from the current weights')
+            model_ema.set(model)
     if state['config']['opt'] == config['opt']:
+        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(state['optimizer'])
+        for group, setting in zip(optimizer.param_groups, settings):  # this run's weight decay, betas, ...
+            group.update(setting)
     else:
         _logger.warning('WARNING: the optimizer changed, its state (momentum, moments) starts afresh')
     if scaler is not None and scaler.state_dict_key in state:
         scaler.load_state_dict(state[scaler.state_dict_key])
     checkpoint.set_rng_state(state['rng'])
-    return checkpoint.progress_from(state)
+    return Progress(**state['progress'])
 
 
 class Run:
@@ -199,50 +193,61 @@ class Run:
         if config['deterministic']:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = not config['deterministic']
-        device = procs.device
 
-        # data and model
+        model, mixup = self._build_data_and_model()
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer, self.steps_per_epoch)
+        model_ema = ModelEmaV2(model, decay=config['model_ema_decay']) if config['model_ema'] else None
+        self.amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
+        scaler = NativeScaler(procs.device.type) if self.amp_dtype == torch.float16 else None
+        state = self._resume_or_start(model, model_ema, optimizer, scaler)
+        scheduler.step_update(num_updates=self.progress.global_step)  # the lr is a function of the step alone
+        self.trainer = self._build_trainer(model, mixup, optimizer, scheduler, model_ema, scaler)
+        self._build_checkpoints_and_reporting(state, display)
+        self.stop = distributed.StopRequest(procs)
+        self.last_save = time.monotonic()
+
+    def _build_data_and_model(self) -> tuple:
+        config, procs, device = self.config, self.procs, self.procs.device
         distributed.on_primary(lambda: prepare_builtin_data(config), procs)
-        train_ds, val_ds, num_classes = create_datasets(config)
-        self.data_fingerprint = dict(train_images=len(train_ds), val_images=len(val_ds), classes=num_classes)
-        model = build_model(config, num_classes)
+        train_ds, val_ds, self.num_classes = create_datasets(config)
+        self.data_fingerprint = dict(train_images=len(train_ds), val_images=len(val_ds), classes=self.num_classes)
+        model = build_model(config, self.num_classes)
         train_cfg, val_cfg = data_configs(config, model)
         self.train_loader, self.sampler = create_train_loader(train_ds, config, train_cfg, self.layout, procs.rank,
                                                               device)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.val_loader = create_eval_loader(val_ds, val_cfg, config['validation_batch_size'] or
-                                             self.layout.micro_batch, config['workers'], device, procs.rank,
+        val_batch = config['validation_batch_size'] or self.layout.micro_batch
+        self.val_loader = create_eval_loader(val_ds, val_cfg, val_batch, config['workers'], device, procs.rank,
                                              procs.world_size)
-        mixup = build_mixup(config, num_classes)
-        if mixup is not None and self.layout.micro_batch % 2:
+        mixup = build_mixup(config, self.num_classes)
+        if (mixup is not None) and (self.layout.micro_batch % 2):
             raise UserError(f'Mixup/CutMix need an even micro-batch, got {self.layout.micro_batch}')
         if config['sync_bn'] and procs.distributed:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         if config['channels_last']:
             model.to(memory_format=torch.channels_last)
+        return model, mixup
 
-        # optimisation
-        optimizer = build_optimizer(config, model)
-        scheduler = build_scheduler(config, optimizer, self.steps_per_epoch)
-        model_ema = ModelEmaV2(model, decay=config['model_ema_decay']) if config['model_ema'] else None
-        self.amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
-        scaler = NativeScaler(device.type) if self.amp_dtype == torch.float16 else None
-
-        # resume, or start from scratch or from initial weights
-        path, state = find_resume_state(config, self.run_dir, procs)
+    def _resume_or_start(self, model, model_ema, optimizer, scaler) -> Optional[dict]:
+        """Resume the run folder's newest checkpoint (or --resume), else start afresh or from initial weights."""
+        config = self.config
+        path, state = find_resume_state(config, self.run_dir, self.procs)
         self.progress = Progress()
         if state is not None:
-            check_resume(config, state, path, num_classes, self.data_fingerprint)
-            self.progress = resume_state(config, state, path, model, model_ema, optimizer, scaler)
+            check_resume(config, state, path, self.num_classes, self.data_fingerprint)
+            self.progress = resume_state(config, state, model, model_ema, optimizer, scaler)
             _logger.info(f'Resuming {path}: epoch {self.progress.epoch}, step '
                          f'{self.progress.step}/{self.steps_per_epoch}')
         elif config['initial_checkpoint']:
             load_initial_weights(model, config)
             if model_ema is not None:
                 model_ema.set(model)
-        scheduler.step_update(num_updates=self.progress.global_step)  # the lr is a function of the step alone
+        return state
 
+    def _build_trainer(self, model, mixup, optimizer, scheduler, model_ema, scaler) -> Trainer:
+        config, procs, device = self.config, self.procs, self.procs.device
         train_model = model
         if procs.distributed:
             # BatchNormSteps keeps the processes' BN statistics equal; no need to broadcast them every forward
@@ -250,20 +255,22 @@ class Run:
                 model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
         if config['torchcompile']:
             train_model = torch.compile(train_model)
-        self.trainer = Trainer(
+        averaging_bn = procs.distributed or (self.layout.accum_steps > 1)
+        return Trainer(
             model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
             loss_fn=build_loss(config, mixing=mixup is not None), mixup=mixup,
             random_erasing=create_random_erasing(config, device), model_ema=model_ema,
-            batchnorm=BatchNormSteps(model, procs) if (procs.distributed or self.layout.accum_steps > 1) else None,
+            batchnorm=BatchNormSteps(model, procs) if averaging_bn else None,
             scaler=scaler, layout=self.layout, procs=procs, amp_dtype=self.amp_dtype,
             channels_last=config['channels_last'], clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
             seed=config['seed'], log_interval=config['log_interval'], epochs=config['epochs'])
 
-        # checkpoints and reporting
+    def _build_checkpoints_and_reporting(self, state: Optional[dict], display):
+        config, procs, t = self.config, self.procs, self.trainer
         self.metric_weights = None
         self.versions = checkpoint.versions()
         self.saver = RunCheckpointSaver(
-            model, optimizer, model_ema=model_ema, amp_scaler=scaler, checkpoint_dir=str(self.run_dir),
+            t.model, t.optimizer, model_ema=t.model_ema, amp_scaler=t.scaler, checkpoint_dir=str(self.run_dir),
             recovery_dir=str(self.run_dir), decreasing=config['eval_metric'] == 'loss',
             max_history=config['checkpoint_hist'], run_state=self.run_state)
         wandb_logger = None
@@ -278,8 +285,6 @@ class Run:
                 self.saver.restore_recovery_files(self.run_dir)
             save_config(config, self.run_dir / 'config.yaml')
             self.reporter.files(self.progress.history)
-        self.stop = distributed.StopRequest(procs)
-        self.last_save = time.monotonic()
 
     def _log_start(self):
         config, layout = self.config, self.layout
@@ -293,7 +298,7 @@ class Run:
 
     def run_state(self) -> dict:
         """What a checkpoint holds besides timm's fields."""
-        return dict(config=saved_config(self.config), progress=checkpoint.progress_state(self.progress),
+        return dict(config=saved_config(self.config), progress=dataclasses.asdict(self.progress),
                     rng=checkpoint.rng_state(), data=self.data_fingerprint, versions=self.versions,
                     world_size=self.procs.world_size, metric_weights=self.metric_weights,
                     wandb_run_id=self.reporter.wandb.run_id if self.reporter.wandb else None)
@@ -318,11 +323,11 @@ class Run:
         """After each optimizer step: show progress, and agree on (stop now, save a recovery checkpoint now)."""
         progress, config = self.progress, self.config
         self.reporter.tick(progress.epoch, progress.step, self.steps_per_epoch)
-        steps_due = config['recovery_interval'] > 0 and progress.global_step % config['recovery_interval'] == 0
+        steps_due = (config['recovery_interval'] > 0) and (progress.global_step % config['recovery_interval'] == 0)
         minutes = config['recovery_minutes']
-        time_due = minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+        time_due = (minutes > 0) and (time.monotonic() - self.last_save >= minutes * 60)
         stop_now, time_due = self.stop.agreed(time_due)
-        return stop_now, (steps_due or time_due) and progress.step < self.steps_per_epoch
+        return stop_now, (steps_due or time_due) and (progress.step < self.steps_per_epoch)
 
     def should_stop(self) -> bool:
         return self.stop.agreed()[0]
@@ -356,20 +361,20 @@ class Run:
                 raw, ema = self.evaluate_both()
                 progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
                 row = summary_row(epoch, progress, self.steps_per_epoch, lr, speed, raw, ema)
-                metric, self.metric_weights = ranking_metric(row, config['eval_metric'])
+                metric, self.metric_weights = reporting.ranking_metric(row, config['eval_metric'])
                 progress.history.append(row)
                 progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
                 # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
                 self.reporter.epoch(row, progress.history, progress.global_step)
                 self._save(lambda: self.saver.save_checkpoint(epoch, metric), 'epoch')
-                self.reporter.best('top1', *best_of(progress.history, 'top1'))
+                self.reporter.best('top1', *reporting.best_of(progress.history, 'top1'))
                 if self.should_stop():
                     raise Interrupted()
         finally:
+            self.reporter.finish()  # before the handlers go: a signal must not cut W&B's upload short
             self.stop.uninstall()
-            self.reporter.finish()
         if progress.history:
-            value, weights, epoch = best_of(progress.history, config['eval_metric'])
+            value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
             _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
                          f"run folder {self.run_dir}")
         return 0
@@ -378,7 +383,9 @@ class Run:
 def main(argv=None) -> int:
     try:
         config = parse_config(argv)
-        procs = distributed.setup(config['device'], config['dist_timeout'])
+        if config['deterministic']:  # cuBLAS reads it when CUDA starts
+            os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+        procs = distributed.setup(config['device'], config['dist_timeout'], config['sync_bn'])
     except UserError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return EXIT_USAGE

@@ -6,20 +6,27 @@
 Model, class count and preprocessing come from the checkpoint; a plain state dict needs --model.
 Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from timm.data import resolve_data_config
-from timm.models import create_model
+from timm.models import create_model, get_pretrained_cfg
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint
 from training.config import OneLineParser, UserError, data_root
-from training.data import classes_of, create_eval_loader, open_image_folder
+from training.data import classes_of, create_eval_loader, data_config, open_image_folder
 from training.distributed import Processes, pick_device
 from training.engine import evaluate
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(value)
+    return number
 
 
 def parse_args(argv=None):
@@ -34,12 +41,13 @@ def parse_args(argv=None):
                         help='weights to evaluate (default: those that earned the checkpoint its metric)')
     parser.add_argument('--img-size', type=int, help='image size (default: the checkpoint\'s validation size)')
     parser.add_argument('--crop-pct', type=float, help='center crop fraction (default: the checkpoint\'s)')
-    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-b', '--batch-size', type=positive, default=128)
     parser.add_argument('-j', '--workers', type=int, default=4)
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument('--amp', action='store_true', help='mixed precision')
-    parser.add_argument('--amp-dtype', default='bfloat16', choices=('bfloat16', 'float16'))
-    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
+                        help="mixed precision (default: as in training)")
+    parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), help="(default: as in training)")
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help="(default: as in training)")
     parser.add_argument('--tta', choices=('flip',), help='test-time augmentation: average with the flipped image')
     parser.add_argument('--results-file', help='write the results to this JSON file')
     return parser.parse_strict(argv)
@@ -56,8 +64,11 @@ def load_model(args, state: dict):
         raise UserError(f'{args.checkpoint} is a plain state dict: pass --model')
     weights_kind = args.weights or state.get('metric_weights') or ('ema' if 'state_dict_ema' in state else 'raw')
     weights = checkpoint.weights_from(state, weights_kind, args.checkpoint)
-    fc = weights.get('fc.weight')
-    num_classes = args.num_classes or (fc.shape[0] if fc is not None else config.get('num_classes'))
+    classifier = weights.get(f'{get_pretrained_cfg(name).classifier}.weight') if get_pretrained_cfg(name) else None
+    num_classes = (args.num_classes or (state.get('data') or {}).get('classes') or
+                   (classifier.shape[0] if classifier is not None else None))
+    if num_classes is None:
+        raise UserError(f'cannot tell the class count of {args.checkpoint}: pass --num-classes')
     try:
         model = create_model(name, num_classes=num_classes)
     except RuntimeError as e:
@@ -98,18 +109,18 @@ def validate(args) -> int:
         raise UserError(f'{root} {args.split} has {classes} class folders but the model predicts '
                         f'{model.num_classes} classes')
 
-    overrides = {k: config.get(k) for k in ('interpolation', 'mean', 'std', 'crop_pct') if config.get(k) is not None}
-    overrides['img_size'] = args.img_size or config.get('val_img_size') or config.get('img_size')
-    if args.crop_pct:
-        overrides['crop_pct'] = args.crop_pct
-    data_cfg = resolve_data_config(args=overrides, model=model)
+    img_size = args.img_size or config.get('val_img_size') or config.get('img_size')
+    data_cfg = data_config(config, model, img_size, args.crop_pct)
     loader = create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device)
 
+    # numerics as in training unless told otherwise, so that the numbers match the ones it logged
+    channels_last = config.get('channels_last', False) if args.channels_last is None else args.channels_last
+    amp = config.get('amp', False) if args.amp is None else args.amp
+    amp_dtype = getattr(torch, args.amp_dtype or config.get('amp_dtype', 'bfloat16')) if amp else None
     model.to(device)
-    if args.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-    amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    results = evaluate(model, loader, procs, amp_dtype, args.channels_last, tta_flip=args.tta == 'flip')
+    results = evaluate(model, loader, procs, amp_dtype, channels_last, tta_flip=args.tta == 'flip')
     results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
                    weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
                    tta=args.tta, data=str(root), split=args.split)

@@ -182,3 +182,54 @@ def test_failed_save_is_loud_keeps_the_last_good_checkpoint_and_training_goes_on
     assert 'ERROR: could not save the epoch checkpoint' in out and 'No space left on device' in out
     assert_same_weights(load(tmp_path / 'run' / 'last.pth.tar')['state_dict'], good['state_dict'])
     assert [r['epoch'] for r in summary(tmp_path / 'run')] == [0, 1]  # training went on and logged its epoch
+
+
+def test_a_checkpoint_a_safe_load_refuses_stops_the_run_and_stays(shapes, tmp_path, capsys):
+    import argparse
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    torch.save({'progress': {'epoch': 0, 'step': 1}, 'args': argparse.Namespace(lr=0.1)}, run_dir / 'last.pth.tar')
+    assert run_train(shapes, tmp_path) == 2
+    assert 'holds objects that a safe load refuses (GLOBAL argparse.Namespace)' in capsys.readouterr().err
+    assert (run_dir / 'last.pth.tar').exists()
+
+
+def test_damaged_checkpoints_alone_never_restart_the_run_silently(shapes, tmp_path, capsys):
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    for path in (tmp_path / 'run').glob('*.pth.tar'):
+        path.write_bytes(b'PK\x03\x04 not the rest of a zip')
+    for _ in range(2):  # the second run sees only *.corrupt files: still no fresh start
+        assert run_train(shapes, tmp_path, '--epochs', '1') == 2
+        assert 'holds checkpoints but none loads; pass --start-over' in capsys.readouterr().err
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--start-over') == 0
+
+
+def test_an_unfinished_first_save_does_not_block_the_start(shapes, tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'recovery_tmp.pth.tar').write_bytes(b'PK\x03\x04 half written')
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+    assert len(summary(run_dir)) == 1
+
+
+def test_allowed_changes_take_effect_on_resume(shapes, tmp_path):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--no-model-ema') == 0
+    assert run_train(shapes, tmp_path, '--epochs', '2', '--weight-decay', '0.01', '--allow-config-change') == 0
+    state = load(tmp_path / 'run' / 'last.pth.tar')
+    assert sorted(g['weight_decay'] for g in state['optimizer']['param_groups']) == [0.0, 0.01]
+    assert 'state_dict_ema' in state
+    assert 'the EMA starts from the current weights' in (tmp_path / 'run' / 'log.txt').read_text()
+
+
+def test_a_repeated_signal_within_the_grace_period_is_the_same_notice(monkeypatch):
+    from training.distributed import Processes, StopRequest
+
+    exits = []
+    monkeypatch.setattr(os, '_exit', exits.append)
+    stop = StopRequest(Processes(0, 1, 0, torch.device('cpu')))
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # torchrun's forwarded copy
+    assert stop.agreed() == [True] and exits == []
+    stop.received_at -= StopRequest.REPEAT_GRACE + 1
+    stop._handle(signal.SIGINT, None)  # a real second request
+    assert exits == [128 + signal.SIGINT]

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from training.reporting import duration, plot_runs, read_summary  # noqa: E402
+from training.reporting import best_of, duration, plot_runs, ranking_metric, read_summary  # noqa: E402
 
 NOT_SETTINGS = ('experiment', 'output')  # they name the run folder, so they always differ
 
@@ -24,20 +24,14 @@ def load_run(run_dir: Path) -> dict:
                 config=yaml.safe_load((run_dir / 'config.yaml').read_text()))
 
 
-def top1(row: dict) -> tuple:
-    """(top-1, weights kind) of the better of the raw and EMA weights of an epoch."""
-    if row.get('ema_val_top1') is not None and row['ema_val_top1'] > row['val_top1']:
-        return row['ema_val_top1'], 'ema'
-    return row['val_top1'], 'raw'
-
-
 def run_stats(rows: list) -> dict:
+    """Top-1 of the better of raw and EMA weights: best (with its epoch and weights) and final; time; speed."""
     if not rows:
         return dict(epochs=0)
-    best = max(rows, key=lambda r: top1(r)[0])
+    best, weights, epoch = best_of(rows, 'top1')
     speeds = [r['img_per_sec'] for r in rows if r['img_per_sec']]
-    return dict(epochs=len(rows), best=top1(best)[0], best_weights=top1(best)[1], best_epoch=int(best['epoch']),
-                final=top1(rows[-1])[0], seconds=sum(r['epoch_seconds'] for r in rows),
+    return dict(epochs=len(rows), best=best, best_weights=weights, best_epoch=epoch,
+                final=ranking_metric(rows[-1], 'top1')[0], seconds=sum(r['epoch_seconds'] for r in rows),
                 img_per_sec=sum(speeds) / len(speeds) if speeds else None)
 
 

@@ -9,7 +9,7 @@ import os
 import pickle
 import random
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,9 +37,6 @@ class Progress:
     seconds: float = 0.0  # time spent on this epoch so far, over all the processes that worked on it
     history: list = field(default_factory=list)  # summary rows of the finished epochs
 
-    def key(self) -> tuple:
-        return self.epoch, self.step
-
 
 def fsync_write(obj, path):
     with open(path, 'wb') as f:
@@ -61,9 +58,10 @@ class RunCheckpointSaver(CheckpointSaver):
 
     Its _save() writes model, EMA, optimizer, scaler and its own top-k state but not the rest of the run (schedule
     position, RNG states, place in the epoch, config), and it stores `args` as a pickled object, which
-    torch.load(weights_only=True) refuses. Its files are renamed into place without fsync, so a machine that loses
-    power can leave an empty file under the new name. We write the full state as plain types, fsync file and
-    folder, and keep the previous epoch end as `previous` so that two resumable states always exist.
+    torch.load(weights_only=True) refuses. Its _replace() deletes the old file before renaming the new one over
+    it, without fsync, so a crash can leave no `last`, and a power loss an empty file under the new name. We write
+    the full state as plain types, rename atomically with fsync of file and folder, and keep the previous epoch end
+    as `previous`, so that two resumable states always exist.
     """
 
     def __init__(self, *args, run_state: Callable[[], dict], **kwargs):
@@ -87,17 +85,24 @@ class RunCheckpointSaver(CheckpointSaver):
         state['saver'] = self.state_dict(epoch, metric)
         state.update(self.run_state())
         state['arch'] = state['config']['model']
-        fsync_write(state, save_path)
+        try:
+            fsync_write(state, save_path)
+        except BaseException:
+            if os.path.exists(save_path):  # a partial file would only take space a retry needs
+                os.remove(save_path)
+            raise
 
     def _replace(self, src, dst):
-        super()._replace(src, dst)
-        _fsync_dir(os.path.dirname(dst) or '.')
-
-    def save_checkpoint(self, epoch, metric=None):
-        last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
-        if os.path.exists(last):
-            self._duplicate(last, os.path.join(self.checkpoint_dir, 'previous' + self.extension))
-        return super().save_checkpoint(epoch, metric)
+        """Atomic rename of a complete file; the `last` it replaces becomes `previous`."""
+        folder = os.path.dirname(dst) or '.'
+        if os.path.basename(dst) == 'last' + self.extension and os.path.exists(dst):
+            link = os.path.join(folder, 'previous.tmp' + self.extension)
+            if os.path.exists(link):
+                os.remove(link)
+            os.link(dst, link)
+            os.replace(link, os.path.join(folder, 'previous' + self.extension))
+        os.replace(src, dst)
+        _fsync_dir(folder)
 
     def restore_recovery_files(self, run_dir: Path):
         """Continue rotating the recovery files left by the interrupted process (timm forgets them)."""
@@ -122,7 +127,7 @@ def rng_state() -> dict:
         'torch': torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state()  # this process's GPU: the resumed run may have fewer
     return state
 
 
@@ -132,7 +137,7 @@ def set_rng_state(state: dict):
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state(state['cuda'])
 
 
 def versions() -> dict:
@@ -144,53 +149,60 @@ def versions() -> dict:
     return {'torch': str(torch.__version__), 'timm': str(timm.__version__), 'git': commit}
 
 
-def load(path) -> dict:
-    """A checkpoint's contents, loaded safely, or a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'checkpoint not found: {path}')
+class DamagedCheckpoint(UserError):
+    """A file that is not, or no longer, a whole checkpoint (truncated, overwritten, not a zip)."""
+
+
+def _torch_load(path: Path, **kwargs) -> dict:
+    """torch.load(weights_only=True) with its failures sorted: a refusal of pickled objects, or damage."""
     with open(path, 'rb') as f:
         if f.read(4) != b'PK\x03\x04':  # torch.save writes a zip archive
-            raise UserError(f'{path} is not a PyTorch checkpoint')
+            raise DamagedCheckpoint(f'{path} is not a PyTorch checkpoint')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         refused = next((line for line in str(e).splitlines() if 'Unsupported' in line), 'unsupported content')
         refused = refused.split('Unsupported global: ')[-1].split(' was not')[0]
         raise UserError(f'{path} holds objects that a safe load refuses ({refused.strip()[:160]})') from None
     except Exception as e:
         reason = ' '.join(str(e).split()).split('. ')[0][:160] or type(e).__name__
-        raise UserError(f'{path} is damaged or incomplete ({reason})') from None
+        raise DamagedCheckpoint(f'{path} is damaged or incomplete ({reason})') from None
+
+
+def load(path) -> dict:
+    """A checkpoint's contents, loaded safely, or a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint not found: {path}')
+    state = _torch_load(path)
     if not isinstance(state, dict):
         raise UserError(f'{path} is not a checkpoint: it holds a {type(state).__name__}, not a dict')
     return state
 
 
-def _progress_of(path: Path) -> tuple:
-    meta = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    return tuple(meta['progress'][k] for k in ('epoch', 'step'))
+def run_files(run_dir: Path, suffix: str = EXTENSION) -> list:
+    """The checkpoints of a run folder (set-aside ones with suffix '.corrupt'), without unfinished writes."""
+    return sorted(p for p in run_dir.glob('*' + suffix) if 'tmp' not in p.name) if run_dir.is_dir() else []
 
 
 def newest_valid(run_dir: Path) -> tuple:
     """(path, state) of the newest checkpoint in run_dir that loads, or (None, None) when there is none.
 
-    Checkpoints are ordered by the training progress they hold, not by file time. One that does not load
-    (truncated, corrupt) is renamed to *.corrupt with a warning, and the next newest is tried.
+    Checkpoints are ordered by the training progress they hold, not by file time. A damaged one (truncated,
+    corrupt) is renamed to *.corrupt with a warning, and the next newest is tried. A checkpoint that a safe load
+    refuses is not damaged: that stops the run rather than setting good checkpoints aside.
     """
     ranked = []
-    for path in run_dir.glob('*' + EXTENSION):
-        if 'tmp' in path.name:
-            continue
+    for path in run_files(run_dir):
         try:
-            ranked.append((_progress_of(path), path.name == 'last' + EXTENSION, path))  # last wins a tie
-        except Exception as e:
+            progress = _torch_load(path, mmap=True)['progress']
+            ranked.append(((progress['epoch'], progress['step']), path.name == 'last' + EXTENSION, path))
+        except DamagedCheckpoint as e:
             _set_aside(path, e)
-    for _, _, path in sorted(ranked, reverse=True):
-        if not path.exists():  # a hard link of a file already set aside
-            continue
+    for _, _, path in sorted(ranked, reverse=True):  # on a tie, `last`
         try:
             return path, load(path)
-        except UserError as e:
+        except DamagedCheckpoint as e:
             _set_aside(path, e)
     return None, None
 
@@ -201,29 +213,14 @@ def _set_aside(path: Path, error):
     os.replace(path, path.with_name(path.name + '.corrupt'))
 
 
-def run_files(run_dir: Path) -> list:
-    return sorted(p for p in run_dir.glob('*' + EXTENSION)) if run_dir.is_dir() else []
-
-
 def check_compatible(state: dict, path, model_name: str, num_classes: int):
     """Stop with one line when a checkpoint cannot hold this run's model."""
-    config = state.get('config') or {}
-    arch = state.get('arch') or config.get('model')
-    fc = state.get('state_dict', {}).get('fc.weight')
-    classes = fc.shape[0] if fc is not None else config.get('num_classes')
-    if arch != model_name or classes != num_classes:
-        raise UserError(f'{path} holds {arch} with {classes} classes; this run trains {model_name} with '
-                        f'{num_classes} classes')
     if 'progress' not in state:
         raise UserError(f'{path} holds weights but no training state to resume; use --initial-checkpoint')
-
-
-def progress_from(state: dict) -> Progress:
-    return Progress(**state['progress'])
-
-
-def progress_state(progress: Progress) -> dict:
-    return asdict(progress)
+    arch, classes = state.get('arch'), state['data']['classes']
+    if (arch != model_name) or (classes != num_classes):
+        raise UserError(f'{path} holds {arch} with {classes} classes; this run trains {model_name} with '
+                        f'{num_classes} classes')
 
 
 def weights_from(state: dict, which: str, path) -> dict:

@@ -86,19 +86,19 @@ class Option:
     flags: tuple = ()  # short flags besides --name-with-dashes
     choices: Optional[tuple] = None
     optional: bool = False  # None (YAML null, 'none' on the command line) is a valid value
-    role: str = 'experiment'  # 'experiment': changing it changes results; 'run': how/where it runs; 'action'
+    role: str = 'experiment'  # EXPERIMENT: changing it changes results; RUN: how or where it runs; ACTION
 
     @property
     def flag(self) -> str:
         return '--' + self.name.replace('_', '-')
 
 
-E, R, A = 'experiment', 'run', 'action'
+EXPERIMENT, RUN, ACTION = 'experiment', 'run', 'action'
 
 OPTIONS = (
     # data
     Option('data_dir', None, text, 'dataset root holding train/ and val/ (default: $IMAGENET_DIR, else data/imagenet)',
-           optional=True, role=R),
+           optional=True, role=RUN),
     Option('dataset', '', text, "dataset type: '' for class folders, 'builtin' for the generated shapes, "
                                 "or a timm dataset name such as 'torch/cifar10'"),
     Option('train_split', 'train', text, 'training split'),
@@ -171,39 +171,40 @@ OPTIONS = (
     # evaluation and checkpoints
     Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
            choices=('top1', 'top5', 'loss')),
-    Option('checkpoint_hist', 3, integer, 'number of best epoch checkpoints to keep', role=R),
-    Option('recovery_interval', 0, integer, 'recovery checkpoint every N optimizer steps (0 = off)', role=R),
-    Option('recovery_minutes', 15.0, number, 'recovery checkpoint every M minutes of training (0 = off)', role=R),
+    Option('checkpoint_hist', 3, integer, 'number of best epoch checkpoints to keep', role=RUN),
+    Option('recovery_interval', 0, integer, 'recovery checkpoint every N optimizer steps (0 = off)', role=RUN),
+    Option('recovery_minutes', 15.0, number, 'recovery checkpoint every M minutes of training (0 = off)', role=RUN),
     Option('validation_batch_size', None, integer, 'validation batch per process (default: training micro-batch)',
-           flags=('-vb',), optional=True, role=R),
+           flags=('-vb',), optional=True, role=RUN),
     # execution: how and where it runs, free to change when resuming
-    Option('output', 'output', text, 'root of the run folders', role=R),
-    Option('experiment', None, text, 'run folder name (default: the recipe name)', optional=True, role=R),
-    Option('recipe', None, text, 'name of the recipe this run follows (set from -c)', optional=True, role=R),
-    Option('device', 'auto', text, "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'", role=R),
-    Option('workers', 4, integer, 'data loading processes per training process', flags=('-j',), role=R),
+    Option('output', 'output', text, 'root of the run folders', role=RUN),
+    Option('experiment', None, text, 'run folder name (default: the recipe name)', optional=True, role=RUN),
+    Option('recipe', None, text, 'name of the recipe this run follows (set from -c)', optional=True, role=RUN),
+    Option('device', 'auto', text, "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'", role=RUN),
+    Option('workers', 4, integer, 'data loading processes per training process', flags=('-j',), role=RUN),
     Option('max_batch_per_device', None, integer, 'largest micro-batch per process; more is accumulated',
-           optional=True, role=R),
-    Option('amp', False, flag, 'mixed precision', role=R),
+           optional=True, role=RUN),
+    Option('amp', False, flag, 'mixed precision', role=RUN),
     Option('amp_dtype', 'bfloat16', text, 'mixed precision type (float16 uses a grad scaler)',
-           choices=('bfloat16', 'float16'), role=R),
-    Option('channels_last', False, flag, 'channels-last memory layout', role=R),
-    Option('torchcompile', False, flag, 'torch.compile the training model', role=R),
-    Option('deterministic', False, flag, 'deterministic algorithms (bit-exact repeats, slower on GPU)', role=R),
+           choices=('bfloat16', 'float16'), role=RUN),
+    Option('channels_last', False, flag, 'channels-last memory layout', role=RUN),
+    Option('torchcompile', False, flag, 'torch.compile the training model', role=RUN),
+    Option('deterministic', False, flag, 'deterministic algorithms where torch has them (bit-exact repeats on CPU; on '
+           'GPU some kernels, such as average pooling backward, stay non-deterministic)', role=RUN),
     Option('sync_bn', False, flag, 'synchronise BatchNorm statistics across processes'),
-    Option('dist_timeout', 30.0, number, 'minutes before a stalled collective aborts the job', role=R),
-    Option('log_interval', 50, integer, 'optimizer steps between log lines', role=R),
-    Option('log_wandb', False, flag, 'log to Weights & Biases', role=R),
-    Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=R),
-    Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=R),
-    Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=R),
-    Option('wandb_name', None, text, 'W&B run name (default: the experiment)', optional=True, role=R),
-    Option('wandb_tags', [], listof(text), 'W&B tags', role=R),
+    Option('dist_timeout', 30.0, number, 'minutes before a stalled collective aborts the job', role=RUN),
+    Option('log_interval', 50, integer, 'optimizer steps between log lines', role=RUN),
+    Option('log_wandb', False, flag, 'log to Weights & Biases', role=RUN),
+    Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=RUN),
+    Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=RUN),
+    Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=RUN),
+    Option('wandb_name', None, text, 'W&B run name (default: the experiment)', optional=True, role=RUN),
+    Option('wandb_tags', [], listof(text), 'W&B tags', role=RUN),
     # actions: what to do with the run folder; never saved
     Option('resume', None, text, 'resume from this checkpoint instead of the newest one in the run folder',
-           optional=True, role=A),
-    Option('start_over', False, flag, 'delete the run in the run folder and start again', role=A),
-    Option('allow_config_change', False, flag, 'resume even though the experiment settings changed', role=A),
+           optional=True, role=ACTION),
+    Option('start_over', False, flag, 'delete the run in the run folder and start again', role=ACTION),
+    Option('allow_config_change', False, flag, 'resume even though the experiment settings changed', role=ACTION),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -295,7 +296,7 @@ def parse_config(argv: Optional[list] = None) -> dict:
         for key, value in load_yaml(recipe_path).items():
             if key not in BY_NAME:
                 raise unknown_option(str(key), list(BY_NAME), str(recipe_path))
-            if BY_NAME[key].role == A:
+            if BY_NAME[key].role == ACTION:
                 raise UserError(f'{recipe_path}: {key} is an action, give it on the command line')
             config[key] = _check_value(BY_NAME[key], value, str(recipe_path))
         if not config['recipe']:
@@ -327,6 +328,11 @@ def validate(config: dict):
     require(config['epochs'] > 0, 'epochs must be positive')
     require(config['lr'] > 0, 'lr must be positive')
     require(config['workers'] >= 0, 'workers must be 0 or more')
+    require(config['seed'] >= 0, 'seed must be 0 or more')
+    require(config['dist_timeout'] > 0, 'dist_timeout must be positive')
+    require(config['validation_batch_size'] is None or config['validation_batch_size'] > 0,
+            'validation_batch_size must be positive')
+    require(config['img_size'] is None or config['img_size'] > 0, 'img_size must be positive')
     require(config['log_interval'] > 0, 'log_interval must be positive')
     require(0.0 <= config['model_ema_decay'] < 1.0, 'model_ema_decay must be in [0, 1)')
     require(config['warmup_epochs'] < config['epochs'], 'warmup_epochs must be shorter than epochs')
@@ -349,7 +355,7 @@ def data_root(config: dict) -> Path:
 
 def saved_config(config: dict) -> dict:
     """The options that define and place a run, in schema order: what config.yaml and checkpoints hold."""
-    return {o.name: config[o.name] for o in OPTIONS if o.role != A}
+    return {o.name: config[o.name] for o in OPTIONS if o.role != ACTION}
 
 
 def save_config(config: dict, path):
@@ -362,4 +368,4 @@ def save_config(config: dict, path):
 def experiment_changes(old: dict, new: dict) -> list:
     """Differences in the options that change results, as 'key: old -> new' lines."""
     return [f'{o.name}: {old.get(o.name)!r} -> {new[o.name]!r}'
-            for o in OPTIONS if o.role == E and old.get(o.name, o.default) != new[o.name]]
+            for o in OPTIONS if o.role == EXPERIMENT and old.get(o.name, o.default) != new[o.name]]

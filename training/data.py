@@ -185,7 +185,7 @@ def open_image_folder(root: Path, split: str, dataset: str = ''):
     if not folder.is_dir():
         raise UserError(f'no {split} split at {folder}: expected {folder}/<class>/<image>.JPEG')
     ds = create_dataset('', root=str(folder), split=split, search_split=False)
-    classes = list(ds.reader.class_to_idx)
+    classes = classes_of(ds)
     if len(ds) == 0:
         raise UserError(f'no images found under {folder}')
     if '' in classes or '.' in classes:
@@ -230,13 +230,18 @@ def create_datasets(config: dict):
     return train, val, num_classes
 
 
+def data_config(config: dict, model, img_size: Optional[int], crop_pct: Optional[float] = None) -> dict:
+    """timm's data config (input size, interpolation, mean, std, crop) of a run's settings, at one image size."""
+    overrides = {k: config.get(k) for k in ('interpolation', 'mean', 'std', 'crop_pct') if config.get(k) is not None}
+    if crop_pct is not None:
+        overrides['crop_pct'] = crop_pct
+    return resolve_data_config(args=dict(overrides, img_size=img_size), model=model)
+
+
 def data_configs(config: dict, model) -> tuple:
-    """timm data configs (input size, interpolation, mean, std, crop) for training and validation."""
-    overrides = {k: config[k] for k in ('interpolation', 'mean', 'std', 'crop_pct') if config[k] is not None}
-    train_cfg = resolve_data_config(args=dict(overrides, img_size=config['img_size']), model=model)
-    val_size = config['val_img_size'] or config['img_size']
-    val_cfg = resolve_data_config(args=dict(overrides, img_size=val_size), model=model)
-    return train_cfg, val_cfg
+    """Data configs for training and for validation (at val_img_size when set)."""
+    return (data_config(config, model, config['img_size']),
+            data_config(config, model, config['val_img_size'] or config['img_size']))
 
 
 def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, rank: int, device):

@@ -50,18 +50,24 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
-def setup(device_name: str, timeout_minutes: float) -> Processes:
+def setup(device_name: str, timeout_minutes: float, sync_bn: bool = False) -> Processes:
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if world_size > 1 and device_name.startswith('cuda:'):
+        raise UserError(f'device {device_name} names one GPU, but torchrun starts a process per GPU: use cuda or auto')
     device = pick_device(device_name, local_rank)
+    if sync_bn and world_size > 1 and device.type != 'cuda':
+        raise UserError('sync_bn needs GPUs (NCCL); on CPU the processes already share BatchNorm statistics every '
+                        'step')
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if world_size == 1:
         return Processes(0, 1, 0, device)
     backend = 'nccl' if device.type == 'cuda' else 'gloo'
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
-    control = dist.new_group(backend='gloo') if backend != 'gloo' else None
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, timeout=timeout)
+    control = dist.new_group(backend='gloo', timeout=timeout) if backend != 'gloo' else None
     return Processes(rank, world_size, local_rank, device, control)
 
 
@@ -125,13 +131,17 @@ class StopRequest:
     """Turns SIGTERM and SIGINT into a request to stop at the next step boundary; a second signal exits at once.
 
     Every process checks it at the same points (`agreed`), so a signal seen by any one of them stops them all at the
-    same step, where they save one recovery checkpoint together.
+    same step, where they save one recovery checkpoint together. A repeat within REPEAT_GRACE seconds is the same
+    notice arriving twice (a job scheduler signals every process, and torchrun forwards its own copy), not a second
+    request. The handler only records the signal: logging from it could re-enter a log call it interrupted.
     """
+    REPEAT_GRACE = 5.0
 
     def __init__(self, procs: Processes):
         self.procs = procs
         self.signal = None
         self.received_at = None
+        self.reported = False
         self._previous = {}
 
     def install(self):
@@ -144,13 +154,15 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal, self.received_at = signum, time.monotonic()
+        elif time.monotonic() - self.received_at > self.REPEAT_GRACE:
             os._exit(128 + signum)
-        self.signal = signum
-        self.received_at = time.monotonic()
-        _logger.warning(f'{signal.Signals(signum).name} received: stopping after this step to save a recovery '
-                        'checkpoint (a second signal exits at once)')
 
     def agreed(self, *other_flags: bool) -> list:
         """[stop, *other_flags], each True on every process when True on any."""
+        if self.signal is not None and not self.reported:
+            self.reported = True
+            _logger.warning(f'{signal.Signals(self.signal).name} received: stopping after this step to save a '
+                            'recovery checkpoint (a second signal exits at once)')
         return agree_any([self.signal is not None, *other_flags], self.procs)

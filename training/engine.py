@@ -164,7 +164,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int
         step_loss = torch.zeros((), device=device)
 
         stop, save_due = after_step()
-        log_due = progress.step % t.log_interval == 0 or progress.step == steps_per_epoch
+        log_due = (progress.step % t.log_interval == 0) or (progress.step == steps_per_epoch)
         if log_due or save_due or stop:
             losses = mean_over_ranks(torch.stack(window), t.procs)
             finite = torch.isfinite(losses)
@@ -215,7 +215,7 @@ def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Option
     common_batches = getattr(loader.batch_sampler, 'common_batches', len(loader))
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
-        if should_stop is not None and i < common_batches and should_stop():
+        if (should_stop is not None) and (i < common_batches) and should_stop():
             raise Interrupted()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -142,6 +142,20 @@ def read_summary(path) -> list:
         return [{k: (float(v) if v not in ('', None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def ranking_metric(row: dict, metric: str) -> tuple:
+    """(value, weights kind) of the better of the raw and EMA weights for the ranking metric."""
+    candidates = [(row[f'val_{metric}'], 'raw')]
+    if row.get(f'ema_val_{metric}') is not None:
+        candidates.append((row[f'ema_val_{metric}'], 'ema'))
+    return (min if metric == 'loss' else max)(candidates, key=lambda c: c[0])
+
+
+def best_of(history: list, metric: str) -> tuple:
+    """(value, weights kind, epoch) of the best epoch of a run."""
+    ranked = [(*ranking_metric(row, metric), int(row['epoch'])) for row in history]
+    return (min if metric == 'loss' else max)(ranked, key=lambda r: r[0])
+
+
 def plot_runs(runs: dict, path: Path):
     """One PNG (1200x800 px) of per-epoch curves: val top-1 (raw solid, EMA dashed), val loss, train loss, lr.
 

@@ -18,7 +18,7 @@ from conftest import assert_same_weights, load, run_args, run_train, summary
 @pytest.fixture(scope='module')
 def two_epochs(shapes, tmp_path_factory):
     output = tmp_path_factory.mktemp('runs')
-    assert run_train(shapes, output) == 0
+    assert run_train(shapes, output, '--checkpoint-hist', '2') == 0
     return output / 'run'
 
 
@@ -88,7 +88,7 @@ def test_builtin_data_run_learns(tmp_path):
     data = builtin_data.generate(tmp_path / 'shapes', seed=1, train_per_class=50, val_per_class=20, image_size=32)
     rc = run_train(data, tmp_path, '--epochs', '8', '-b', '32', '--lr', '2.0e-3', '--warmup-epochs', '1',
                    '--scale', '0.6', '1.0', '--color-jitter', '0.2', '-j', '1', '--no-model-ema',
-                   '--checkpoint-hist', '1', '--log-interval', '10')
+                   '--log-interval', '10')
     assert rc == 0
     rows = summary(tmp_path / 'run')
     assert max(r['val_top1'] for r in rows) >= 45.0  # chance is 10%

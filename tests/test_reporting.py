@@ -133,7 +133,7 @@ def test_progress_line_only_on_a_terminal(shapes, tmp_path):
         terminal += chunk
     assert proc.wait() == 0
     os.close(leader)
-    assert re.search(rb'\r\x1b\[K.*epoch 1/1 \[=+ *\] +\d+% \d/5 .*eta epoch', terminal)
+    assert re.search(rb'\r\x1b\[K.*epoch 0 of 1 \[=+ *\] +\d+% \d/5 .*eta epoch', terminal)
     log = (tmp_path / 'tty' / 'log.txt').read_text()
     assert '\r' not in log and '\x1b' not in log and 'epoch 0 step 5/5' in log
 

@@ -1,6 +1,5 @@
 """The training epoch and the evaluation, shared by train.py and validate.py."""
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass

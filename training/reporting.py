@@ -112,7 +112,7 @@ def progress_line(epoch: int, epochs: int, step: int, steps: int, seconds_per_st
     done = int(width * step / steps)
     left_epoch = (steps - step) * seconds_per_step
     left_run = left_epoch + (epochs - epoch - 1) * steps * seconds_per_step
-    return (f'epoch {epoch + 1}/{epochs} [{"=" * done}{" " * (width - done)}] {100 * step / steps:3.0f}% '
+    return (f'epoch {epoch} of {epochs} [{"=" * done}{" " * (width - done)}] {100 * step / steps:3.0f}% '
             f'{step}/{steps}  eta epoch {duration(left_epoch)} run {duration(left_run)}')
 
 

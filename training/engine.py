@@ -225,9 +225,8 @@ def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Option
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == y[:, None]
-        sums += torch.stack([
-            F.cross_entropy(logits, y, reduction='sum').double(),
-            hits[:, :1].sum().double(), hits.sum().double(), torch.tensor(len(y), device=device).double()])
+        sums[:3] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, :1].sum(), hits.sum()]).double()
+        sums[3] += len(y)
     sum_over_ranks(sums, procs)
     elapsed = time.perf_counter() - start
     loss, top1, top5, images = sums.tolist()

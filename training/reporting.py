@@ -32,9 +32,9 @@ class TerminalProgress:
     """A progress line with ETA, redrawn in place on an interactive terminal; nothing at all elsewhere, so log files
     and pipes get only whole log lines."""
 
-    def __init__(self, stream=sys.stderr, min_interval: float = 0.25):
+    def __init__(self, stream=sys.stderr, wanted: bool = True, min_interval: float = 0.25):
         self.stream = stream
-        self.enabled = stream.isatty()
+        self.enabled = wanted and stream.isatty()
         self.min_interval = min_interval
         self.shown = False
         self.last = 0.0
@@ -76,8 +76,7 @@ def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0) -> TerminalPro
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    progress = TerminalProgress()
-    progress.enabled = progress.enabled and is_primary
+    progress = TerminalProgress(wanted=is_primary)
     formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
     console = _ConsoleHandler(sys.stdout, progress)
     console.setFormatter(formatter if is_primary else logging.Formatter(f'[rank {rank}] %(message)s'))

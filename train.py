@@ -4,15 +4,20 @@
     python train.py -c recipes/rn50_130ep.yaml [--flag value ...]
     torchrun --nproc_per_node=8 train.py -c recipes/rn50_130ep.yaml
 
-Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 75 interrupted by a signal after saving a
-recovery checkpoint (run the same command again to continue), 128+N a second signal N (exit without saving).
+The file reads top to bottom: builders (model, loss, optimizer, schedule, EMA), saving, the epoch loop
+(train_one_epoch: every decision of a step in the order it happens), then train(), which wires them.
+
+Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 74 the newest state could not be saved (disk full,
+permissions: free space and run the same command again), 75 interrupted by a signal after saving (run the same
+command again to continue), 128+N a second signal N (exit without saving).
 """
 import dataclasses
 import logging
 import os
-import shutil
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -22,20 +27,23 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV2, NativeScaler
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
-from training.config import UserError, experiment_changes, parse_config, save_config, saved_config
-from training.data import (BatchLayout, create_datasets, create_eval_loader, create_random_erasing,
-                           create_train_loader, data_configs, prepare_builtin_data, seed_all)
-from training.engine import BatchNormSteps, Interrupted, NonFiniteLoss, Trainer, evaluate, train_one_epoch
+from training.config import UserError, parse_config, save_config, saved_config
+from training.data import (STEP, BatchLayout, Datasets, Loaders, build_loaders, create_random_erasing, derive_seed,
+                           locate_dataset, open_datasets, seed_all)
+from training.distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
+from training.engine import (BatchNormSteps, Interrupted, NonFiniteLoss, autocast, clipped_parameters, evaluate)
 
 _logger = logging.getLogger('train')
 
-EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 75
+EXIT_USAGE, EXIT_NONFINITE, EXIT_NOT_SAVED, EXIT_INTERRUPTED = 2, 3, 74, 75
 
+
+# builders: each returns what it builds
 
 def build_model(config: dict, num_classes: int) -> torch.nn.Module:
     seed_all(config['seed'])
@@ -46,26 +54,28 @@ def build_model(config: dict, num_classes: int) -> torch.nn.Module:
         raise UserError(str(e).splitlines()[0]) from None
 
 
-def build_mixup(config: dict, num_classes: int):
+def build_mixup(config: dict, num_classes: int, micro_batch: int) -> Optional[Mixup]:
     if not (config['mixup'] > 0 or config['cutmix'] > 0 or config['cutmix_minmax']):
         return None
+    if micro_batch % 2:
+        raise UserError(f'Mixup/CutMix need an even micro-batch, got {micro_batch}')
     return Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'], cutmix_minmax=config['cutmix_minmax'],
                  prob=config['mixup_prob'], switch_prob=config['mixup_switch_prob'], mode=config['mixup_mode'],
                  label_smoothing=config['smoothing'], num_classes=num_classes)
 
 
-def build_loss(config: dict, mixing: bool):
+def build_loss(bce: bool, smoothing: float, mixing: bool):
     """Soft-target cross-entropy when Mixup/CutMix makes the targets (smoothing included), else label smoothing."""
-    if config['bce_loss']:
-        return BinaryCrossEntropy(smoothing=0.0 if mixing else config['smoothing'])
+    if bce:
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else smoothing)
     if mixing:
         return SoftTargetCrossEntropy()
-    if config['smoothing'] > 0:
-        return LabelSmoothingCrossEntropy(smoothing=config['smoothing'])
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=smoothing)
     return torch.nn.CrossEntropyLoss()
 
 
-def build_optimizer(config: dict, model: torch.nn.Module):
+def build_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     extra = {k: v for k, v in (('eps', config['opt_eps']), ('betas', config['opt_betas'])) if v is not None}
     try:
         return create_optimizer_v2(model, opt=config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
@@ -75,6 +85,7 @@ def build_optimizer(config: dict, model: torch.nn.Module):
 
 
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
+    """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone."""
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
         warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], decay_epochs=config['decay_epochs'],
@@ -83,325 +94,423 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
     return scheduler
 
 
-def prepare_run_dir(config: dict) -> Path:
-    """Create the run folder, refuse one that cannot be written, and clear it on --start-over."""
-    run_dir = Path(config['output']) / config['experiment']
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / '.write-test'
-        probe.write_text('ok')
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f'cannot write to the run folder {run_dir}: {e.strerror or e}') from None
-    if config['start_over']:
-        for path in run_dir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-    return run_dir
+@dataclass
+class Trainer:
+    """What a training step touches."""
+    model: torch.nn.Module  # unwrapped: saved, evaluated, and averaged by the EMA
+    train_model: torch.nn.Module  # the model as trained: DDP and/or torch.compile around `model`
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: object
+    mixup: Optional[Mixup]
+    random_erasing: Optional[object]
+    model_ema: Optional[ModelEmaV3]
+    batchnorm: Optional[BatchNormSteps]  # None: a single process without accumulation needs no averaging
+    scaler: Optional[NativeScaler]  # float16 only
+    amp_dtype: Optional[torch.dtype]
+    clip_grad: Optional[float]  # None: no gradient clipping
+    clip_mode: str
+    clip_params: list  # what clipping applies to
 
 
-def find_resume_state(config: dict, run_dir: Path, procs) -> tuple:
-    """(path, state) to resume from: --resume, else the newest valid checkpoint in the run folder, else None."""
-    if config['resume']:
-        return config['resume'], checkpoint.load(config['resume'])
+def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: torch.nn.Module,
+                  num_classes: int, steps_per_epoch: int) -> Trainer:
+    device = procs.device
+    if config['sync_bn'] and procs.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if config['channels_last']:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config, model)
+    # ModelEmaV3: the same average as V2 in one foreach update (V2 updates tensor by tensor, ~6% of a GPU step)
+    model_ema = ModelEmaV3(model, decay=config['model_ema_decay']) if config['model_ema'] else None
+    train_model = model
+    if procs.distributed:
+        # BatchNormSteps keeps the processes' BN statistics equal; no need to broadcast them every forward
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+    if config['torchcompile']:
+        train_model = torch.compile(train_model)
+    mixup = build_mixup(config, num_classes, layout.micro_batch)
+    amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
+    return Trainer(
+        model=model, train_model=train_model, optimizer=optimizer,
+        scheduler=build_scheduler(config, optimizer, steps_per_epoch),
+        loss_fn=build_loss(config['bce_loss'], config['smoothing'], mixing=mixup is not None), mixup=mixup,
+        random_erasing=create_random_erasing(config, device), model_ema=model_ema,
+        batchnorm=BatchNormSteps(model, procs) if (procs.distributed or layout.accum_steps > 1) else None,
+        scaler=NativeScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype=amp_dtype,
+        clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
+        clip_params=clipped_parameters(model, config['clip_mode']))
 
-    found = {}
 
-    def newest() -> Optional[str]:
-        path, found['state'] = checkpoint.newest_valid(run_dir)
-        if (path is None) and checkpoint.run_files(run_dir, '.corrupt'):
-            raise UserError(f'{run_dir} holds checkpoints but none loads; pass --start-over to train from scratch')
-        return None if path is None else str(path)
-    path = distributed.on_primary(newest, procs)
-    if path is None:
-        return None, None
-    return path, found.get('state') or checkpoint.load(path)  # rank 0 has loaded it already
+# saving
+
+class Checkpoints:
+    """Saves the run's state (on rank 0) and remembers what was saved.
+
+    A save that fails (disk full, permissions) is logged and training goes on: the next save may succeed, and a
+    spot VM's time is not wasted. The run's end says when its newest state is not saved (exit code 74).
+    """
+
+    def __init__(self, saver: Optional[RunCheckpointSaver], procs: Processes, config: dict, data_fingerprint: dict,
+                 metric_weights: Optional[str], wandb_run_id: Optional[str]):
+        self.saver, self.procs = saver, procs
+        self.config, self.data_fingerprint = config, data_fingerprint
+        self.metric_weights = metric_weights  # raw or EMA: the weights that earned the newest epoch its metric
+        self.wandb_run_id = wandb_run_id
+        self.versions = checkpoint.versions()
+        self.last_time = time.monotonic()
+        self.saved = None  # the newest state this process saved, in words
+        self.unsaved = None  # why the newest state could not be saved; None once a save succeeds
+
+    def epoch_end(self, progress: Progress, metric: float, metric_weights: str):
+        epoch = progress.epoch - 1
+        self.metric_weights = metric_weights
+        state = self.run_state(progress)
+        self._save(f'the epoch {epoch} checkpoint', lambda: self.saver.save_epoch(epoch, metric, state))
+
+    def mid_epoch(self, progress: Progress):
+        name = f'recovery-{progress.epoch}-{progress.step}'
+        _logger.info(f'Saving recovery checkpoint {name}')
+        state = self.run_state(progress)
+        self._save(f'recovery checkpoint {name}',
+                   lambda: self.saver.save_mid_epoch(progress.epoch, progress.step, state))
+
+    def run_state(self, progress: Progress) -> dict:
+        """What a checkpoint holds besides timm's fields, as plain types."""
+        return dict(config=saved_config(self.config), progress=dataclasses.asdict(progress),
+                    rng=checkpoint.rng_state(), data=self.data_fingerprint, versions=self.versions,
+                    world_size=self.procs.world_size, metric_weights=self.metric_weights,
+                    wandb_run_id=self.wandb_run_id)
+
+    def _save(self, what: str, write):
+        error = None
+        if self.procs.is_primary:
+            try:
+                write()
+            except (OSError, RuntimeError) as e:
+                error = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+                _logger.error(f'ERROR: could not save {what} ({error}); training continues. The newest saved state '
+                              f'is {self.saved or "none: nothing has been saved yet"}')
+        error = distributed.broadcast_object(error, self.procs)
+        self.last_time = time.monotonic()
+        if error is None:
+            self.saved, self.unsaved = what, None
+        else:
+            self.unsaved = error
 
 
-def check_resume(config: dict, state: dict, path, num_classes: int, data_fingerprint: dict):
-    checkpoint.check_compatible(state, path, config['model'], num_classes)
-    changes = experiment_changes(state['config'], config)
-    if state.get('data') and state['data'] != data_fingerprint:
-        changes.append(f"data: {state['data']} -> {data_fingerprint}")
-    if changes and not config['allow_config_change']:
-        raise UserError(f"resuming {path} would change the experiment ({'; '.join(changes)}); "
-                        'pass --allow-config-change to resume anyway')
-    for change in changes:
-        _logger.warning(f'WARNING: resuming with a changed setting: {change}')
+def recovery_due(config: dict, progress: Progress, last_save: float) -> bool:
+    steps_due = (config['recovery_interval'] > 0) and (progress.global_step % config['recovery_interval'] == 0)
+    minutes = config['recovery_minutes']
+    return steps_due or ((minutes > 0) and (time.monotonic() - last_save >= minutes * 60))
 
 
-def load_initial_weights(model: torch.nn.Module, config: dict):
-    path = config['initial_checkpoint']
-    weights = checkpoint.weights_from(checkpoint.load(path), config['initial_weights'], path)
-    head = model.pretrained_cfg['classifier']
-    if weights.get(f'{head}.weight') is not None and weights[f'{head}.weight'].shape[0] != model.num_classes:
-        weights = {k: v for k, v in weights.items() if not k.startswith(head + '.')}
-        _logger.info(f'Classifier of {path} has another class count: it starts from scratch')
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if not k.startswith(head + '.')]:
-        raise UserError(f'{path} does not fit {config["model"]}: missing {missing[:3]}, unexpected {unexpected[:3]}')
-    _logger.info(f"Initial weights: {config['initial_weights']} weights of {path}")
+# the epoch loop
+
+def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, last_micro: bool, accum: int,
+                     channels_last: bool) -> torch.Tensor:
+    """One micro-batch: batch augmentation, forward, backward (gradients synchronised on the last one)."""
+    if t.random_erasing is not None:
+        x = t.random_erasing(x)
+    if t.mixup is not None:
+        x, y = t.mixup(x, y)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    no_sync = getattr(t.train_model, 'no_sync', None)
+    with no_sync() if (no_sync is not None and not last_micro) else nullcontext():
+        with autocast(x.device, t.amp_dtype):
+            loss = t.loss_fn(t.train_model(x), y)
+        if t.scaler is not None:  # float16: the scaler's backward, and its unscale-clip-step on the last micro-batch
+            t.scaler(loss / accum, t.optimizer, clip_grad=t.clip_grad, clip_mode=t.clip_mode,
+                     parameters=t.clip_params, need_update=last_micro)
+        else:
+            (loss / accum).backward()
+    return loss.detach()
+
+
+def optimizer_step(t: Trainer):
+    """Clip, step (the float16 scaler stepped in its backward already), and clear the gradients."""
+    if t.scaler is None:
+        if t.clip_grad is not None:
+            dispatch_clip_grad(t.clip_params, t.clip_grad, mode=t.clip_mode)
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+
+
+def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs: Processes, layout: BatchLayout,
+                    steps_per_epoch: int, checkpoints: Checkpoints, reporter: reporting.Reporter,
+                    stop: StopRequest) -> dict:
+    """Train from progress.step to the end of progress.epoch, updating `progress` after every optimizer step.
+
+    After each optimizer step, in this order: show progress; agree with the other processes on stopping and on a
+    recovery save; check the losses since the last check are finite (before anything is logged or saved); log;
+    save a recovery checkpoint; stop.
+
+    Returns:
+        Speed of the steps this call ran: img_per_sec, data_wait (share of the time spent waiting for data).
+    """
+    t.train_model.train()
+    accum, device = layout.accum_steps, procs.device
+    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
+    step_loss = torch.zeros((), device=device)
+    window, window_first_step = [], progress.step  # step losses not yet checked and logged
+    first_step = progress.step
+    epoch_start = clock = window_start = fetched = time.perf_counter()
+    wait = epoch_wait = 0.0
+    for i, (x, y) in enumerate(loader):
+        waited = time.perf_counter() - fetched
+        wait, epoch_wait = wait + waited, epoch_wait + waited
+
+        # micro-batch j of this step: seeded by (seed, epoch, step, micro-batch) for Mixup, erasing and drop path
+        j = i % accum
+        last_micro = j == accum - 1
+        seed_all(derive_seed(config['seed'], STEP, progress.epoch, progress.step, procs.rank * accum + j))
+        if t.batchnorm is not None:
+            t.batchnorm.before_micro(j)
+        step_loss += forward_backward(t, x, y, last_micro, accum, config['channels_last']).float() / accum
+        if t.batchnorm is not None:
+            t.batchnorm.after_micro()
+        if not last_micro:
+            fetched = time.perf_counter()
+            continue
+
+        # the optimizer step, BatchNorm statistics, EMA, and the lr of the next step
+        optimizer_step(t)
+        if t.batchnorm is not None:
+            t.batchnorm.end_step(accum)
+        if t.model_ema is not None:
+            t.model_ema.update(t.model)
+        progress.step += 1
+        progress.global_step += 1
+        t.scheduler.step_update(num_updates=progress.global_step)
+        loss_sum += step_loss
+        window.append(step_loss)
+        step_loss = torch.zeros((), device=device)
+
+        # decisions, agreed by all processes: log, save a recovery checkpoint, stop
+        reporter.tick(progress.epoch, progress.step, steps_per_epoch)
+        stop_now, save_due = stop.agreed(recovery_due(config, progress, checkpoints.last_time))
+        save_due = save_due and (progress.step < steps_per_epoch)  # the epoch's end saves anyway
+        log_due = (progress.step % config['log_interval'] == 0) or (progress.step == steps_per_epoch)
+        if log_due or save_due or stop_now:
+            losses = mean_over_ranks(torch.stack(window), procs)
+            finite = torch.isfinite(losses)
+            if not finite.all():  # a diverged state is never saved
+                raise NonFiniteLoss(progress.epoch, window_first_step + int((~finite).nonzero()[0]))
+        if log_due:
+            elapsed = time.perf_counter() - window_start
+            steps_done = progress.step - window_first_step
+            step_time = elapsed / steps_done
+            steps_left = (config['epochs'] - progress.epoch) * steps_per_epoch - progress.step
+            reporter.step(dict(
+                epoch=progress.epoch, step=progress.step, steps_per_epoch=steps_per_epoch,
+                global_step=progress.global_step, loss=losses.mean().item(),
+                lr=t.optimizer.param_groups[0]['lr'], img_per_sec=steps_done * layout.global_batch / elapsed,
+                data_wait=wait / elapsed, eta_epoch=(steps_per_epoch - progress.step) * step_time,
+                eta_run=steps_left * step_time))
+            window, window_first_step, wait = [], progress.step, 0.0
+            window_start = time.perf_counter()
+        if save_due or stop_now:
+            progress.loss_sum = mean_over_ranks(loss_sum, procs).item()
+            now = time.perf_counter()
+            progress.seconds, clock = progress.seconds + now - clock, now
+            checkpoints.mid_epoch(progress)
+        if stop_now:
+            raise Interrupted()
+        fetched = time.perf_counter()
+    progress.loss_sum = mean_over_ranks(loss_sum, procs).item()
+    now = time.perf_counter()
+    progress.seconds += now - clock
+    seconds = max(now - epoch_start, 1e-9)
+    return dict(img_per_sec=(progress.step - first_step) * layout.global_batch / seconds,
+                data_wait=epoch_wait / seconds)
 
 
 def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, speed: dict, raw: dict,
-                ema: dict) -> dict:
+                ema: Optional[dict], bad_images: int) -> dict:
     row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr,
                val_loss=raw['loss'], val_top1=raw['top1'], val_top5=raw['top5'],
-               epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'])
+               epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'],
+               bad_images=bad_images)
     if ema:
         row.update(ema_val_loss=ema['loss'], ema_val_top1=ema['top1'], ema_val_top5=ema['top5'])
     return row
 
 
-def resume_state(config: dict, state: dict, model, model_ema, optimizer, scaler) -> Progress:
-    """Load a checkpoint's full training state into the components; returns where the run stands."""
-    model.load_state_dict(state['state_dict'])
-    if model_ema is not None:
-        if 'state_dict_ema' in state:
-            model_ema.module.load_state_dict(state['state_dict_ema'])
-        else:
-            _logger.warning('WARNING: the checkpoint has no EMA weights; the EMA starts from the current weights')
-            model_ema.set(model)
-    if state['config']['opt'] == config['opt']:
-        settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state['optimizer'])
-        for group, setting in zip(optimizer.param_groups, settings):  # this run's weight decay, betas, ...
-            group.update(setting)
-    else:
-        _logger.warning('WARNING: the optimizer changed, its state (momentum, moments) starts afresh')
-    if scaler is not None and scaler.state_dict_key in state:
-        scaler.load_state_dict(state[scaler.state_dict_key])
-    checkpoint.set_rng_state(state['rng'])
-    return Progress(**state['progress'])
+def bad_images_met(loaders: Loaders, procs: Processes) -> int:
+    """Unreadable files met (each replaced, and logged with its path once) since the last epoch, over all processes."""
+    count = loaders.train.epoch_report().count + loaders.val.epoch_report().count
+    return int(sum_over_ranks(torch.tensor(count, device=procs.device), procs))
 
 
-class Run:
-    """One training run: its components, where it stands, and how it saves and reports.
-
-    Built from a resolved config in the order of the recipe (data, model, optimisation, resume, checkpoints,
-    reporting); fit() then trains epoch after epoch until the schedule ends or a signal stops it.
-    """
-
-    def __init__(self, config: dict, procs):
-        self.config, self.procs = config, procs
-        self.layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
-        self.run_dir = Path(distributed.on_primary(lambda: str(prepare_run_dir(config)), procs))
-        display = reporting.setup_logging(self.run_dir, procs.is_primary, procs.rank)
-        self._log_start()
-        if config['deterministic']:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = not config['deterministic']
-
-        model, mixup = self._build_data_and_model()
-        optimizer = build_optimizer(config, model)
-        scheduler = build_scheduler(config, optimizer, self.steps_per_epoch)
-        model_ema = ModelEmaV2(model, decay=config['model_ema_decay']) if config['model_ema'] else None
-        self.amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
-        scaler = NativeScaler(procs.device.type) if self.amp_dtype == torch.float16 else None
-        state = self._resume_or_start(model, model_ema, optimizer, scaler)
-        scheduler.step_update(num_updates=self.progress.global_step)  # the lr is a function of the step alone
-        self.trainer = self._build_trainer(model, mixup, optimizer, scheduler, model_ema, scaler)
-        self._build_checkpoints_and_reporting(state, display)
-        self.stop = distributed.StopRequest(procs)
-        self.last_save = time.monotonic()
-
-    def _build_data_and_model(self) -> tuple:
-        config, procs, device = self.config, self.procs, self.procs.device
-        distributed.on_primary(lambda: prepare_builtin_data(config), procs)
-        train_ds, val_ds, self.num_classes = create_datasets(config)
-        self.data_fingerprint = dict(train_images=len(train_ds), val_images=len(val_ds), classes=self.num_classes)
-        model = build_model(config, self.num_classes)
-        train_cfg, val_cfg = data_configs(config, model)
-        self.train_loader, self.sampler = create_train_loader(train_ds, config, train_cfg, self.layout, procs.rank,
-                                                              device)
-        self.steps_per_epoch = self.sampler.steps_per_epoch
-        val_batch = config['validation_batch_size'] or self.layout.micro_batch
-        self.val_loader = create_eval_loader(val_ds, val_cfg, val_batch, config['workers'], device, procs.rank,
-                                             procs.world_size)
-        mixup = build_mixup(config, self.num_classes)
-        if (mixup is not None) and (self.layout.micro_batch % 2):
-            raise UserError(f'Mixup/CutMix need an even micro-batch, got {self.layout.micro_batch}')
-        if config['sync_bn'] and procs.distributed:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(device)
-        if config['channels_last']:
-            model.to(memory_format=torch.channels_last)
-        return model, mixup
-
-    def _resume_or_start(self, model, model_ema, optimizer, scaler) -> Optional[dict]:
-        """Resume the run folder's newest checkpoint (or --resume), else start afresh or from initial weights."""
-        config = self.config
-        path, state = find_resume_state(config, self.run_dir, self.procs)
-        self.progress = Progress()
-        if state is not None:
-            check_resume(config, state, path, self.num_classes, self.data_fingerprint)
-            self.progress = resume_state(config, state, model, model_ema, optimizer, scaler)
-            _logger.info(f'Resuming {path}: epoch {self.progress.epoch}, step '
-                         f'{self.progress.step}/{self.steps_per_epoch}')
-        elif config['initial_checkpoint']:
-            load_initial_weights(model, config)
-            if model_ema is not None:
-                model_ema.set(model)
-        return state
-
-    def _build_trainer(self, model, mixup, optimizer, scheduler, model_ema, scaler) -> Trainer:
-        config, procs, device = self.config, self.procs, self.procs.device
-        train_model = model
-        if procs.distributed:
-            # BatchNormSteps keeps the processes' BN statistics equal; no need to broadcast them every forward
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
-        if config['torchcompile']:
-            train_model = torch.compile(train_model)
-        averaging_bn = procs.distributed or (self.layout.accum_steps > 1)
-        return Trainer(
-            model=model, train_model=train_model, optimizer=optimizer, scheduler=scheduler,
-            loss_fn=build_loss(config, mixing=mixup is not None), mixup=mixup,
-            random_erasing=create_random_erasing(config, device), model_ema=model_ema,
-            batchnorm=BatchNormSteps(model, procs) if averaging_bn else None,
-            scaler=scaler, layout=self.layout, procs=procs, amp_dtype=self.amp_dtype,
-            channels_last=config['channels_last'], clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
-            seed=config['seed'], log_interval=config['log_interval'], epochs=config['epochs'])
-
-    def _build_checkpoints_and_reporting(self, state: Optional[dict], display):
-        config, procs, t = self.config, self.procs, self.trainer
-        self.metric_weights = None
-        self.versions = checkpoint.versions()
-        self.saver = RunCheckpointSaver(
-            t.model, t.optimizer, model_ema=t.model_ema, amp_scaler=t.scaler, checkpoint_dir=str(self.run_dir),
-            recovery_dir=str(self.run_dir), decreasing=config['eval_metric'] == 'loss',
-            max_history=config['checkpoint_hist'], run_state=self.run_state)
-        wandb_logger = None
-        if procs.is_primary and config['log_wandb']:
-            extra = dict(saved_config(config), environment=reporting.environment(procs.world_size),
-                         versions=self.versions)
-            wandb_logger = reporting.WandbLogger(config, self.run_dir, state and state.get('wandb_run_id'), extra)
-        self.reporter = reporting.Reporter(self.run_dir, procs.is_primary, display, config['epochs'], wandb_logger)
-        if procs.is_primary:
-            if state is not None:
-                self.saver.load_state_dict(state['saver'])
-                self.saver.restore_recovery_files(self.run_dir)
-            save_config(config, self.run_dir / 'config.yaml')
-            self.reporter.files(self.progress.history)
-
-    def _log_start(self):
-        config, layout = self.config, self.layout
-        if config['lr_rescaled_from']:
-            lr, batch = config['lr_rescaled_from']
-            _logger.info(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
-                         f"({config['lr_scale']} rule)")
-        _logger.info(f"Run folder {self.run_dir}: {self.procs.world_size} process(es) on {self.procs.device}, "
-                     f"global batch {layout.global_batch} = {self.procs.world_size} x {layout.accum_steps} x "
-                     f"{layout.micro_batch}")
-
-    def run_state(self) -> dict:
-        """What a checkpoint holds besides timm's fields."""
-        return dict(config=saved_config(self.config), progress=dataclasses.asdict(self.progress),
-                    rng=checkpoint.rng_state(), data=self.data_fingerprint, versions=self.versions,
-                    world_size=self.procs.world_size, metric_weights=self.metric_weights,
-                    wandb_run_id=self.reporter.wandb.run_id if self.reporter.wandb else None)
-
-    def _save(self, save, what: str):
-        """Save on rank 0; a failed save is reported loudly and training goes on (the last good file stays)."""
-        if self.procs.is_primary:
-            try:
-                save()
-            except (OSError, RuntimeError) as e:
-                _logger.error(f'ERROR: could not save the {what} checkpoint ({e}); the previous checkpoints are '
-                              'intact and training continues')
-        self.last_save = time.monotonic()
-        distributed.barrier(self.procs)
-
-    def save_recovery(self):
-        epoch, step = self.progress.epoch, self.progress.step
-        _logger.info(f'Saving recovery checkpoint recovery-{epoch}-{step}')
-        self._save(lambda: self.saver.save_recovery(epoch, step), 'recovery')
-
-    def after_step(self) -> tuple:
-        """After each optimizer step: show progress, and agree on (stop now, save a recovery checkpoint now)."""
-        progress, config = self.progress, self.config
-        self.reporter.tick(progress.epoch, progress.step, self.steps_per_epoch)
-        steps_due = (config['recovery_interval'] > 0) and (progress.global_step % config['recovery_interval'] == 0)
-        minutes = config['recovery_minutes']
-        time_due = (minutes > 0) and (time.monotonic() - self.last_save >= minutes * 60)
-        stop_now, time_due = self.stop.agreed(time_due)
-        return stop_now, (steps_due or time_due) and (progress.step < self.steps_per_epoch)
-
-    def should_stop(self) -> bool:
-        return self.stop.agreed()[0]
-
-    def evaluate_both(self) -> tuple:
-        """Raw and EMA weights on the validation set; a stop signal saves (evaluation pending) and exits."""
-        kwargs = dict(amp_dtype=self.amp_dtype, channels_last=self.config['channels_last'],
-                      should_stop=self.should_stop)
+def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders: Loaders, progress: Progress,
+        checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest) -> int:
+    """Epoch after epoch: train, evaluate raw and EMA weights, report, save; returns the exit code."""
+    steps_per_epoch = loaders.steps_per_epoch
+    numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], stop=stop)
+    while progress.epoch < config['epochs']:
+        epoch = progress.epoch
+        speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left
+        if progress.step < steps_per_epoch:
+            loaders.sampler.set_position(epoch, progress.step)
+            speed = train_one_epoch(t, loaders.train, progress, config, procs, layout, steps_per_epoch,
+                                    checkpoints, reporter, stop)
         try:
-            raw = evaluate(self.trainer.model, self.val_loader, self.procs, **kwargs)
-            ema = None
-            if self.trainer.model_ema is not None:
-                ema = evaluate(self.trainer.model_ema.module, self.val_loader, self.procs, **kwargs)
-        except Interrupted:
-            self.save_recovery()
+            raw = evaluate(t.model, loaders.val, procs, **numerics)
+            ema = evaluate(t.model_ema.module, loaders.val, procs, **numerics) if t.model_ema else None
+        except Interrupted:  # saved with its evaluation pending
+            checkpoints.mid_epoch(progress)
             raise
-        return raw, ema
+        progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
+        row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], speed, raw, ema,
+                          bad_images_met(loaders, procs))
+        metric, metric_weights = reporting.ranking_metric(row, config['eval_metric'])
+        progress.history.append(row)
+        progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
+        # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
+        reporter.epoch(row, progress.history, progress.global_step)
+        checkpoints.epoch_end(progress, metric, metric_weights)
+        reporter.best(config['eval_metric'], *reporting.best_of(progress.history, config['eval_metric']))
+        if stop.agreed()[0]:
+            raise Interrupted()
+    if checkpoints.unsaved:
+        _logger.error(f'ERROR: training finished, but its final state was not saved ({checkpoints.unsaved}); the '
+                      f'newest saved state is {checkpoints.saved or "none"}. Free space and run the same command '
+                      'again to train from there and save it')
+        return EXIT_NOT_SAVED
+    if progress.history:
+        value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
+        _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}")
+    return 0
 
-    def fit(self) -> int:
-        progress, config = self.progress, self.config
-        self.stop.install()
-        try:
-            while progress.epoch < config['epochs']:
-                epoch = progress.epoch
-                speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left
-                if progress.step < self.steps_per_epoch:
-                    self.sampler.set_position(epoch, progress.step)
-                    speed = train_one_epoch(self.trainer, self.train_loader, progress, self.steps_per_epoch,
-                                            self.after_step, self.save_recovery, self.reporter.step)
-                lr = self.trainer.optimizer.param_groups[0]['lr']
-                raw, ema = self.evaluate_both()
-                progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
-                row = summary_row(epoch, progress, self.steps_per_epoch, lr, speed, raw, ema)
-                metric, self.metric_weights = reporting.ranking_metric(row, config['eval_metric'])
-                progress.history.append(row)
-                progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
-                # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
-                self.reporter.epoch(row, progress.history, progress.global_step)
-                self._save(lambda: self.saver.save_checkpoint(epoch, metric), 'epoch')
-                self.reporter.best('top1', *reporting.best_of(progress.history, 'top1'))
-                if self.should_stop():
-                    raise Interrupted()
-        finally:
-            self.reporter.finish()  # before the handlers go: a signal must not cut W&B's upload short
-            self.stop.uninstall()
-        if progress.history:
-            value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
-            _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
-                         f"run folder {self.run_dir}")
-        return 0
+
+# wiring
+
+def claim_run_folder(config: dict, procs: Processes) -> tuple:
+    """The run folder, locked by rank 0 for the life of the run: (path, open lock file or None)."""
+    run_dir = checkpoint.run_folder(config['output'], config['experiment'])
+    lock = None
+
+    def claim():
+        nonlocal lock
+        lock = checkpoint.lock_run_folder(run_dir)
+    distributed.on_primary(claim, procs)
+    return run_dir, lock
+
+
+def resume_or_start(config: dict, procs: Processes, run_dir: Path, t: Trainer, datasets: Datasets,
+                    steps_per_epoch: int) -> tuple:
+    """Load the newest checkpoint (or --resume) into the components, or start afresh or from initial weights.
+
+    Returns:
+        (progress, the checkpoint's state or None)
+    """
+    path, state = (None, None) if config['start_over'] else \
+        checkpoint.find_resume_state(config['resume'], run_dir, procs)
+    if state is None:
+        if config['initial_checkpoint']:
+            checkpoint.load_initial_weights(t.model, config['initial_checkpoint'], config['initial_weights'])
+            if t.model_ema is not None:
+                t.model_ema.set(t.model)
+        return Progress(), None
+    checkpoint.check_resume(config, state, path, datasets.fingerprint)
+    progress = checkpoint.restore(state, t.model, t.model_ema, t.optimizer, t.scaler,
+                                  same_optimizer=state['config']['opt'] == config['opt'])
+    _logger.info(f'Resuming {path}: epoch {progress.epoch}, step {progress.step}/{steps_per_epoch}')
+    return progress, state
+
+
+def log_start(config: dict, procs: Processes, layout: BatchLayout, run_dir: Path):
+    if config['lr_rescaled_from']:
+        lr, batch = config['lr_rescaled_from']
+        _logger.info(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
+                     f"({config['lr_scale']} rule)")
+    _logger.info(f"Run folder {run_dir}: {procs.world_size} process(es) on {procs.device}, global batch "
+                 f"{layout.global_batch} = {procs.world_size} x {layout.accum_steps} x {layout.micro_batch}")
+
+
+def train(config: dict, procs: Processes) -> int:
+    """Build the run from its config, resume or start it, and train it to the end of its schedule."""
+    layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
+    display = reporting.setup_logging(procs.is_primary, procs.rank)  # lines are kept until log.txt can be opened
+    run_dir, lock = claim_run_folder(config, procs)
+    if config['deterministic']:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not config['deterministic']
+
+    # every input is checked (data, model, optimizer, checkpoints) before --start-over deletes anything
+    root, dataset = distributed.on_primary(lambda: locate_dataset(config['data_dir'], config['dataset']), procs)
+    datasets = open_datasets(root, dataset, config['train_split'], config['val_split'], config['num_classes'])
+    model = build_model(config, datasets.num_classes)
+    loaders = build_loaders(config, datasets, model, layout, procs)
+    t = build_trainer(config, procs, layout, model, datasets.num_classes, loaders.steps_per_epoch)
+    progress, state = resume_or_start(config, procs, run_dir, t, datasets, loaders.steps_per_epoch)
+    t.scheduler.step_update(num_updates=progress.global_step)
+    if procs.is_primary:
+        if config['start_over']:
+            checkpoint.clear_run_folder(run_dir)
+        reporting.log_to_file(run_dir)
+    log_start(config, procs, layout, run_dir)
+
+    saver = None
+    if procs.is_primary:
+        saver = RunCheckpointSaver(
+            t.model, t.optimizer, model_ema=t.model_ema, amp_scaler=t.scaler, checkpoint_dir=str(run_dir),
+            recovery_dir=str(run_dir), decreasing=config['eval_metric'] == 'loss',
+            max_history=config['checkpoint_hist'])
+        if state is not None:
+            saver.load_state_dict(state['saver'])
+            saver.restore_recovery_files(run_dir)
+    wandb_logger = None
+    if procs.is_primary and config['log_wandb']:
+        extra = dict(saved_config(config), environment=reporting.environment(procs.world_size),
+                     versions=checkpoint.versions(), data=datasets.fingerprint)
+        wandb_logger = reporting.WandbLogger(config, run_dir, state and state.get('wandb_run_id'), extra)
+    reporter = reporting.Reporter(run_dir, procs.is_primary, display, config['epochs'], wandb_logger)
+    if procs.is_primary:
+        save_config(config, run_dir / 'config.yaml')
+        reporter.files(progress.history)
+    checkpoints = Checkpoints(saver, procs, config, datasets.fingerprint, state and state.get('metric_weights'),
+                              wandb_logger.run_id if wandb_logger else None)
+    stop = StopRequest(procs)
+    stop.install()
+    try:
+        return fit(config, procs, layout, t, loaders, progress, checkpoints, reporter, stop)
+    except Interrupted:
+        if checkpoints.unsaved:
+            _logger.error(f'ERROR: interrupted, and the state could not be saved ({checkpoints.unsaved}); the newest '
+                          f'saved state is {checkpoints.saved or "none"}')
+            return EXIT_NOT_SAVED
+        _logger.warning(f'Interrupted: {checkpoints.saved} saved; run the same command again to continue')
+        return EXIT_INTERRUPTED
+    finally:
+        reporter.finish()  # before the handlers go: a signal must not cut W&B's upload short
+        stop.uninstall()
+        loaders.train.close()
+        loaders.val.close()
+        if lock is not None:
+            lock.close()
 
 
 def main(argv=None) -> int:
+    procs = None
     try:
         config = parse_config(argv)
         if config['deterministic']:  # cuBLAS reads it when CUDA starts
             os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         procs = distributed.setup(config['device'], config['dist_timeout'], config['sync_bn'])
-    except UserError as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        return Run(config, procs).fit()
+        return train(config, procs)
     except UserError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLoss as e:
         _logger.error(f'ERROR: {e}')
         return EXIT_NONFINITE
-    except Interrupted:
-        _logger.warning('Interrupted: recovery checkpoint saved; run the same command again to continue')
-        return EXIT_INTERRUPTED
     finally:
-        distributed.teardown(procs)
+        if procs is not None:
+            distributed.teardown(procs)
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 
     python validate.py --checkpoint output/rn50_130ep/model_best.pth.tar [--data-dir DIR] [--weights ema|raw]
 
-Model, class count and preprocessing come from the checkpoint; a plain state dict needs --model.
+Model, class count and preprocessing come from the checkpoint; a plain state dict needs --model. The dataset's class
+folders must be those the checkpoint was trained on, in the same label order (--allow-other-classes: evaluate anyway).
 Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file.
 """
 import argparse
@@ -16,8 +17,8 @@ from timm.models import create_model, get_pretrained_cfg
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint
-from training.config import OneLineParser, UserError, data_root
-from training.data import classes_of, create_eval_loader, data_config, open_image_folder
+from training.config import OneLineParser, UserError
+from training.data import classes_of, create_eval_loader, data_config, locate_dataset, open_image_folder
 from training.distributed import Processes, pick_device
 from training.engine import evaluate
 
@@ -49,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), help="(default: as in training)")
     parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help="(default: as in training)")
     parser.add_argument('--tta', choices=('flip',), help='test-time augmentation: average with the flipped image')
+    parser.add_argument('--decode', choices=('cpu', 'gpu'), help="where JPEGs are decoded (default: as in training)")
+    parser.add_argument('--allow-other-classes', action='store_true',
+                        help="evaluate even when the dataset's class folders are not the ones the checkpoint was "
+                             'trained on (a warning names the first that differ)')
     parser.add_argument('--results-file', help='write the results to this JSON file')
     return parser.parse_strict(argv)
 
@@ -63,7 +68,7 @@ def load_model(args, state: dict):
     if not name:
         raise UserError(f'{args.checkpoint} is a plain state dict: pass --model')
     weights_kind = args.weights or state.get('metric_weights') or ('ema' if 'state_dict_ema' in state else 'raw')
-    weights = checkpoint.weights_from(state, weights_kind, args.checkpoint)
+    weights = checkpoint.weights_from(state, weights_kind, args.checkpoint, '--weights raw')
     classifier = weights.get(f'{get_pretrained_cfg(name).classifier}.weight') if get_pretrained_cfg(name) else None
     num_classes = (args.num_classes or (state.get('data') or {}).get('classes') or
                    (classifier.shape[0] if classifier is not None else None))
@@ -81,6 +86,25 @@ def load_model(args, state: dict):
     return model, weights_kind, config
 
 
+def check_classes(state: dict, names: list, where: str, allow_other: bool):
+    """Refuse a dataset whose class names, in label order, are not those the checkpoint was trained on: its labels
+    would mean other classes (renamed or swapped folders, another dataset with as many classes)."""
+    trained = (state.get('data') or {}).get('class_names')
+    if not trained:
+        print('validate.py: note: the checkpoint holds no class names (older versions saved only their count), so '
+              'only the class count is checked', file=sys.stderr)
+        return
+    if (not names) or (names == trained):
+        return
+    differing = [(i, a, b) for i, (a, b) in enumerate(zip(trained, names)) if a != b]
+    example = '; '.join(f'label {i}: {a!r} in training, {b!r} here' for i, a, b in differing[:3])
+    problem = (f'{where} holds other classes than the checkpoint was trained on: {len(differing)} of {len(trained)} '
+               f'labels differ ({example})')
+    if not allow_other:
+        raise UserError(f'{problem}; pass --allow-other-classes to evaluate anyway')
+    print(f'validate.py: warning: {problem}; evaluating anyway (--allow-other-classes)', file=sys.stderr)
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -96,22 +120,18 @@ def validate(args) -> int:
     device = pick_device(args.device)
     procs = Processes(0, 1, 0, device)
 
-    if args.data_dir:
-        root = Path(args.data_dir)
-    elif config:
-        root = data_root(config)
-    else:
-        root = data_root(dict(data_dir=None, dataset=args.dataset or ''))
     dataset_kind = args.dataset if args.dataset is not None else config.get('dataset', '')
-    dataset = open_image_folder(root, args.split, '' if dataset_kind == 'builtin' else dataset_kind)
-    classes = len(classes_of(dataset))
-    if classes and classes != model.num_classes:
-        raise UserError(f'{root} {args.split} has {classes} class folders but the model predicts '
+    root, dataset_kind = locate_dataset(args.data_dir or config.get('data_dir'), dataset_kind)
+    dataset = open_image_folder(root, args.split, dataset_kind)
+    names = classes_of(dataset)
+    if names and (len(names) != model.num_classes):
+        raise UserError(f'{root} {args.split} has {len(names)} class folders but the model predicts '
                         f'{model.num_classes} classes')
+    check_classes(state, names, f'{root} {args.split}', args.allow_other_classes)
 
     img_size = args.img_size or config.get('val_img_size') or config.get('img_size')
     data_cfg = data_config(config, model, img_size, args.crop_pct)
-    loader = create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device)
+    decode = args.decode or config.get('decode', 'cpu')
 
     # numerics as in training unless told otherwise, so that the numbers match the ones it logged
     channels_last = config.get('channels_last', False) if args.channels_last is None else args.channels_last
@@ -120,10 +140,11 @@ def validate(args) -> int:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    results = evaluate(model, loader, procs, amp_dtype, channels_last, tta_flip=args.tta == 'flip')
+    with create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device, decode=decode) as loader:
+        results = evaluate(model, loader, procs, amp_dtype, channels_last, tta_flip=args.tta == 'flip')
     results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
                    weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
-                   tta=args.tta, data=str(root), split=args.split)
+                   tta=args.tta, data=str(root), split=args.split, decode=decode)
     print(f"{results['model']} ({weights_kind} weights) on {results['images']} images of {root} {args.split}: "
           f"top-1 {results['top1']:.3f}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
           f"{results['img_per_sec']:.0f} img/s")

@@ -1,10 +1,12 @@
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 import train
-from training.config import OPTIONS, UserError, parse_config, save_config
+from training.config import OPTIONS, UserError, experiment_changes, parse_config, save_config, saved_config
 
 from conftest import REPO
 
@@ -63,6 +65,8 @@ def test_yaml_float_without_a_dot_is_a_number(tmp_path):
     ('sched: plateau\n', 'sched must be one of cosine'),
     ('resume: last.pth.tar\n', 'resume is an action'),
     ('- a list\n', 'must hold a mapping'),
+    ('lr: 0.1\nepochs: 3\nlr: 0.2\n', 'lr is given twice (lines 1 and 3)'),
+    ('interpolation: random\n', 'random is for training only: set train_interpolation to random'),
 ])
 def test_bad_recipe_stops_with_one_line_and_exit_code_2(tmp_path, capsys, text, message):
     assert train.main(['-c', write_recipe(tmp_path, text)]) == 2
@@ -77,12 +81,55 @@ def test_bad_recipe_stops_with_one_line_and_exit_code_2(tmp_path, capsys, text, 
     (['--epoch', '3'], 'did you mean --epochs?'),  # no silent prefix match
     (['--lr'], 'expected one argument'),
     (['-c', 'no/such/recipe.yaml'], 'recipe not found: no/such/recipe.yaml'),
+    (['-c', str(REPO / 'recipes')], f"recipe {REPO / 'recipes'} is a directory, not a YAML file"),
 ])
 def test_bad_command_line_stops_with_one_line_and_exit_code_2(capsys, argv, message):
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('text, argv, message', [
+    ('', ['-b', '-4'], "command line: batch_size: expected a positive integer, got '-4'"),
+    ('batch_size: 0\n', ['-b', '16'], 'recipe.yaml: batch_size: expected a positive integer, got 0'),
+    ('lr: -0.1\n', ['-b', '256'], 'recipe.yaml: lr: expected a positive number, got -0.1'),
+    ('sched: step\n', ['--decay-epochs', '0'], "decay_epochs: expected a positive number, got '0'"),
+    ('', ['--val-img-size', '0'], "val_img_size: expected a positive integer, got '0'"),
+    ('', ['--re-count', '0'], "re_count: expected a positive integer, got '0'"),
+    ('', ['--warmup-epochs', '-1'], "warmup_epochs: expected a number of 0 or more, got '-1'"),
+    ('', ['--model-ema-decay', '1'], "model_ema_decay: expected a number in [0, 1), got '1'"),
+])
+def test_a_value_out_of_range_stops_before_it_is_used(tmp_path, capsys, text, argv, message):
+    assert train.main(['-c', write_recipe(tmp_path, text), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_every_option_once_in_its_group(capsys, monkeypatch):
+    monkeypatch.setenv('COLUMNS', '120')
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(['--help'])
+    assert exit_info.value.code == 0
+    sections, flags = {}, None
+    for line in capsys.readouterr().out.splitlines():
+        if line.endswith(':') and not line.startswith(' '):
+            flags = sections.setdefault(line[:-1], [])
+        elif (flags is not None) and re.match(r'  -', line):
+            flags.append(line.split()[0].rstrip(','))  # the first flag of an option's entry
+    assert list(sections) == ['options', 'data', 'model', 'input size and preprocessing',
+                              'augmentation and regularisation', 'optimisation and schedule', 'EMA',
+                              'evaluation and checkpoints', 'execution and distributed', 'logging', 'actions']
+    listed = [flag for group in sections.values() for flag in group]
+    assert sorted(listed) == sorted(['-h', '-c', *(o.flag for o in OPTIONS)])
+    assert all(o.flag in sections[o.group] for o in OPTIONS)
+
+
+def test_train_interpolation_takes_random_and_interpolation_stays_for_evaluation():
+    config = parse_config(['--interpolation', 'bicubic', '--train-interpolation', 'random'])
+    assert (config['interpolation'], config['train_interpolation']) == ('bicubic', 'random')
+    assert parse_config([])['train_interpolation'] is None  # null: training uses interpolation
 
 
 def test_batch_size_override_rescales_lr_by_the_recipes_rule(tmp_path):
@@ -105,11 +152,28 @@ def test_saved_config_replays_to_the_same_configuration(tmp_path):
     assert replayed['recipe'] == 'rn50_130ep'
 
 
+def test_config_yaml_header_replays_the_run_in_a_new_folder(tmp_path):
+    output = tmp_path / 'my runs'
+    config = parse_config(['-c', str(REPO / 'recipes/rn50_130ep.yaml'), '-b', '256', '--output', str(output)])
+    run_dir = output / config['experiment']
+    run_dir.mkdir(parents=True)
+    save_config(config, run_dir / 'config.yaml')
+    header = [line for line in (run_dir / 'config.yaml').read_text().splitlines() if line.startswith('#')]
+    replay = next(line for line in header if 'replay it in a new run folder: ' in line)
+    command = shlex.split(replay.split('new run folder: ', 1)[1])
+    assert command[:2] == ['python', 'train.py']
+    replayed = parse_config(command[2:])
+    assert Path(replayed['output'], replayed['experiment']) == output / 'rn50_130ep-replay'
+    assert experiment_changes(saved_config(config), replayed) == []
+
+
 def test_cross_option_checks():
     with pytest.raises(UserError, match='warmup_epochs must be shorter than epochs'):
         parse_config(['--epochs', '2', '--warmup-epochs', '2'])
-    with pytest.raises(UserError, match='re_prob must be between 0 and 1'):
+    with pytest.raises(UserError, match=r're_prob: expected a number between 0 and 1'):
         parse_config(['--re-prob', '1.5'])
+    with pytest.raises(UserError, match=r'scale must be \[min, max\]'):
+        parse_config(['--scale', '1.0', '0.5'])
 
 
 def test_readme_documents_every_option():

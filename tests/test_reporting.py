@@ -2,16 +2,19 @@
 import os
 import pty
 import re
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import yaml
 from PIL import Image
 
 from tools import compare
+from training import reporting
 
-from conftest import REPO, TINY, run_train, summary
+from conftest import REPO, TINY, load, run_train, summary
 from wandb_records import read_run
 
 SUMMARY_KEYS = ('train_loss', 'lr', 'val_loss', 'val_top1', 'val_top5', 'ema_val_loss', 'ema_val_top1',
@@ -30,7 +33,7 @@ def wandb_runs(run_dir):
 
 
 def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_path, offline):
-    args = ('--log-wandb', '--wandb-tags', 'tiny', 'cpu', '--wandb-group', 'tests')
+    args = ('--log-wandb', '--wandb-tags', 'tiny', 'cpu', '--wandb-group', 'tests', '--eval-metric', 'loss')
     assert run_train(shapes, tmp_path, '--epochs', '1', *args) == 0
     assert run_train(shapes, tmp_path, '--epochs', '2', '--allow-config-change', *args) == 0
     first, resumed = wandb_runs(tmp_path / 'run')
@@ -49,9 +52,10 @@ def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_
     steps = [h for h in first['history'] if 'train/loss' in h]
     assert [h['_step'] for h in steps] == [1, 2, 3, 4, 5]  # log_interval 1: every optimizer step
     assert {'train/lr', 'train/img_per_sec', 'train/data_wait'} <= set(steps[0])
-    best = max(rows, key=lambda r: max(r['val_top1'], r['ema_val_top1']))
-    assert resumed['summary']['best/top1'] == max(best['val_top1'], best['ema_val_top1'])
-    assert resumed['summary']['best/epoch'] == best['epoch']
+    loss, weights, epoch = reporting.best_of(rows, 'loss')  # best/* follows eval_metric, as checkpoint ranking does
+    best = {k: v for k, v in resumed['summary'].items() if k.startswith('best/')}
+    assert best == {'best/loss': loss, 'best/weights': weights, 'best/epoch': epoch}
+    assert load(tmp_path / 'run' / 'last.pth.tar')['wandb_run_id'] == first['id']
 
 
 def test_without_an_api_key_it_logs_offline_and_says_how_to_upload(shapes, tmp_path, monkeypatch):
@@ -64,6 +68,73 @@ def test_without_an_api_key_it_logs_offline_and_says_how_to_upload(shapes, tmp_p
     assert 'no W&B API key found: logging to W&B offline' in log
     sync = re.search(r'upload with: wandb sync (\S+)', log).group(1)
     assert list((tmp_path / 'run' / 'wandb').glob('offline-run-*'))[0].as_posix() == sync
+
+
+@pytest.fixture
+def hanging_server():
+    """A loopback HTTP endpoint that accepts connections and leaves them unanswered until its event is set, then
+    refuses every request (401): a W&B server that hangs, then turns out to be unusable.
+
+    Yields:
+        (its URL, the event)
+    """
+    server = socket.create_server(('127.0.0.1', 0))
+    server.settimeout(0.1)
+    answer, stop = threading.Event(), threading.Event()
+
+    def refuse(connection):
+        answer.wait(timeout=300)
+        with connection:
+            try:
+                connection.settimeout(1.0)
+                connection.recv(65536)
+                connection.sendall(b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n')
+            except OSError:
+                pass
+
+    def accept():
+        while not stop.is_set():
+            try:
+                connection = server.accept()[0]
+            except TimeoutError:
+                continue
+            threading.Thread(target=refuse, args=(connection,), daemon=True).start()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.getsockname()[1]}', answer
+    stop.set()
+    answer.set()
+    thread.join()
+    server.close()
+
+
+def test_an_unresponsive_wandb_server_neither_holds_up_training_nor_loses_records(shapes, tmp_path, monkeypatch,
+                                                                                hanging_server):
+    import wandb
+    url, answer = hanging_server
+    monkeypatch.delenv('WANDB_MODE', raising=False)
+    monkeypatch.setenv('HOME', str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv('WANDB_BASE_URL', url)
+    monkeypatch.setenv('WANDB_API_KEY', 'x' * 40)
+    monkeypatch.setenv('WANDB_INIT_TIMEOUT', '60')  # not reached: the server's refusal ends the start
+    wandb.teardown()  # W&B reads its environment once per process
+    log_step = reporting.WandbLogger.log_step
+
+    def log_step_then_answer(self, metrics):
+        log_step(self, metrics)
+        answer.set()  # a start that held up training would end only at W&B's timeout, before the first step
+    monkeypatch.setattr(reporting.WandbLogger, 'log_step', log_step_then_answer)
+
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--log-wandb') == 0
+    log = (tmp_path / 'run' / 'log.txt').read_text()
+    assert log.index('epoch 0 step 1/5') < log.index('W&B online start failed')
+    assert 'logging offline instead' in log and 'W&B failed' not in log
+    [run] = wandb_runs(tmp_path / 'run')
+    assert run['id'] == load(tmp_path / 'run' / 'last.pth.tar')['wandb_run_id']
+    assert [h['_step'] for h in run['history'] if 'train/loss' in h] == [1, 2, 3, 4, 5]  # all, in order
+    assert [h['epoch'] for h in run['history'] if 'epoch' in h] == [0]
+    assert run['summary']['best/epoch'] == 0
+    assert f'upload with: wandb sync {sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))[0]}' in log
 
 
 def test_a_wandb_failure_warns_once_and_training_goes_on(shapes, tmp_path, offline, monkeypatch):

@@ -56,7 +56,7 @@ def reference(shapes, tmp_path_factory):
 def test_checkpoint_holds_everything_to_continue(reference):
     state = load(reference / 'last.pth.tar')
     assert set(state['rng']) >= {'python', 'numpy', 'torch'}
-    assert state['progress']['global_step'] == 10 and state['progress']['ema_updates'] == 10
+    assert state['progress']['global_step'] == 10 and state['progress']['step'] == 0
     assert state['saver']['best_metric'] is not None and state['saver']['checkpoint_files']
     assert set(state['versions']) == {'torch', 'timm', 'git'} and state['versions']['torch'] == torch.__version__
     assert state['config']['recovery_interval'] == 2 and state['world_size'] == 1
@@ -165,23 +165,41 @@ def test_ema_top1_after_an_interruption_equals_the_logged_value(shapes, tmp_path
     assert logged == summary(reference)[0]['ema_val_top1']
 
 
-def test_failed_save_is_loud_keeps_the_last_good_checkpoint_and_training_goes_on(shapes, tmp_path, monkeypatch,
-                                                                                  capsys):
-    from training import checkpoint
+def test_previous_protects_the_run_when_last_and_its_hard_links_are_damaged(shapes, tmp_path, reference):
+    """`last`, `checkpoint-E` and `model_best` are hard links to one file: damage to it damages all three. `previous`
+    is the epoch before, another file, so the run resumes from it."""
+    subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)  # keeps the hard links
+    run_dir = tmp_path / 'run'
+    for recovery in run_dir.glob('recovery-*'):
+        recovery.unlink()
+    last = run_dir / 'last.pth.tar'
+    assert last.stat().st_ino == (run_dir / 'model_best.pth.tar').stat().st_ino
+    assert last.stat().st_ino != (run_dir / 'previous.pth.tar').stat().st_ino
+    with open(last, 'r+b') as f:
+        f.truncate(last.stat().st_size // 2)
+    rc, log = run_until(shapes, tmp_path, None, None)
+    assert rc == 0, log
+    assert re.search(r'Resuming \S+previous.pth.tar: epoch 1, step 0/5', log)
+    assert_same_run(run_dir, reference)
 
-    assert run_train(shapes, tmp_path, '--epochs', '1') == 0
-    good = load(tmp_path / 'run' / 'last.pth.tar')
 
-    def disk_full(obj, path):
-        with open(path, 'wb') as f:
-            f.write(b'partial')
-        raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(checkpoint, 'fsync_write', disk_full)
-    assert run_train(shapes, tmp_path, '--epochs', '2', '--allow-config-change') == 0
-    out = capsys.readouterr().out
-    assert 'ERROR: could not save the epoch checkpoint' in out and 'No space left on device' in out
-    assert_same_weights(load(tmp_path / 'run' / 'last.pth.tar')['state_dict'], good['state_dict'])
-    assert [r['epoch'] for r in summary(tmp_path / 'run')] == [0, 1]  # training went on and logged its epoch
+def test_renamed_or_swapped_class_folders_are_refused_on_resume(shapes, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(shapes, data)
+    assert run_train(data, tmp_path, '--epochs', '1') == 0
+    assert load(tmp_path / 'run' / 'last.pth.tar')['data']['class_names'][:2] == ['checker', 'circle']
+    for split in ('train', 'val'):  # the same counts, but labels 1-9 now name other classes
+        os.rename(data / split / 'circle', data / split / 'zcircle')
+    assert run_train(data, tmp_path, '--epochs', '2') == 2
+    err = capsys.readouterr().err
+    assert "class names: 9 of 10 labels name another class (label 1: 'circle' -> 'cross'" in err
+    assert '--allow-config-change' in err
+    for split in ('train', 'val'):  # names as before, but two folders trade their images
+        os.rename(data / split / 'zcircle', data / split / 'circle')
+        (data / split / 'square' / '00000.jpg').rename(data / split / 'circle' / 'from-square.jpg')
+        (data / split / 'circle' / '00000.jpg').rename(data / split / 'square' / 'from-circle.jpg')
+    assert run_train(data, tmp_path, '--epochs', '2') == 2
+    assert 'data files: the list of training images and their labels changed' in capsys.readouterr().err
 
 
 def test_a_checkpoint_a_safe_load_refuses_stops_the_run_and_stays(shapes, tmp_path, capsys):

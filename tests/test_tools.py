@@ -37,11 +37,16 @@ def test_sorts_flat_val_with_synset_list(tmp_path):
     assert len(list((val / 'n01440764').iterdir())) == 2 and len(list((val / 'n01443537').iterdir())) == 1
 
 
-def test_unlabelled_images_stop_before_moving_anything(tmp_path):
+@pytest.mark.parametrize('name, text, message', [
+    ('synsets.txt', 'n01440764\n', '2 images have no label'),
+    ('ILSVRC2012_validation_ground_truth.txt', '490\n361\n',
+     'holds class numbers .* expected LOC_val_solution.csv or a list of synsets'),
+])
+def test_bad_labels_stop_before_moving_anything(tmp_path, name, text, message):
     val = make_flat_val(tmp_path, 3)
-    labels = tmp_path / 'synsets.txt'
-    labels.write_text('n01440764\n')
-    with pytest.raises(SystemExit, match='2 images have no label'):
+    labels = tmp_path / name
+    labels.write_text(text)
+    with pytest.raises(SystemExit, match=message):
         sort_imagenet_val.main([str(val), str(labels)])
     assert len(list(val.glob('*.JPEG'))) == 3
 

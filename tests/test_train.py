@@ -68,12 +68,11 @@ def test_saved_config_replays_the_same_run(two_epochs):
 
 
 def test_loss_follows_the_targets():
-    assert isinstance(train.build_loss(parse_config(['--mixup', '0.2']), mixing=True), SoftTargetCrossEntropy)
-    assert isinstance(train.build_loss(parse_config(['--smoothing', '0.1']), mixing=False),
-                      LabelSmoothingCrossEntropy)
-    assert isinstance(train.build_loss(parse_config(['--smoothing', '0']), mixing=False), torch.nn.CrossEntropyLoss)
-    assert train.build_mixup(parse_config([]), 10) is None
-    assert train.build_mixup(parse_config(['--cutmix', '1.0']), 10) is not None
+    assert isinstance(train.build_loss(bce=False, smoothing=0.1, mixing=True), SoftTargetCrossEntropy)
+    assert isinstance(train.build_loss(bce=False, smoothing=0.1, mixing=False), LabelSmoothingCrossEntropy)
+    assert isinstance(train.build_loss(bce=False, smoothing=0.0, mixing=False), torch.nn.CrossEntropyLoss)
+    assert train.build_mixup(parse_config([]), 10, micro_batch=16) is None
+    assert train.build_mixup(parse_config(['--cutmix', '1.0']), 10, micro_batch=16) is not None
 
 
 def test_mixing_path_trains_with_bce_random_erasing_drop_path_and_clipping(shapes, tmp_path):

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,7 @@ def five_classes(tmp_path):
 
 @pytest.mark.parametrize('make_args, message', [
     (lambda t, s, tmp: ['--checkpoint', str(tmp / 'missing.pth.tar')], 'checkpoint not found'),
+    (lambda t, s, tmp: ['--checkpoint', str(t)], 'is a directory, not a checkpoint file'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'config.yaml')], 'is not a PyTorch checkpoint'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--model', 'resnet18'],
      'holds resnet50_custom, not resnet18'),
@@ -100,3 +102,54 @@ def test_class_count_mismatch_is_refused(trained, tmp_path, capsys):
     data = five_classes(tmp_path)
     assert run_validate('--checkpoint', str(trained / 'last.pth.tar'), '--data-dir', str(data)) == 2
     assert 'has 5 class folders but the model predicts 10 classes' in capsys.readouterr().err
+
+
+def with_class_names(trained, tmp_path, names) -> Path:
+    """The run's last checkpoint, holding these training class names (None: none, as older versions saved)."""
+    state = load(trained / 'last.pth.tar')
+    state['data'] = {k: v for k, v in state['data'].items() if k != 'class_names'}
+    if names is not None:
+        state['data']['class_names'] = names
+    path = tmp_path / 'named.pth.tar'
+    torch.save(state, path)
+    return path
+
+
+def renamed_classes(shapes, tmp_path, renames: dict) -> Path:
+    """A copy of the validation split with some class folders renamed."""
+    root = tmp_path / 'renamed'
+    for folder in (shapes / 'val').iterdir():
+        shutil.copytree(folder, root / 'val' / renames.get(folder.name, folder.name))
+    return root
+
+
+@pytest.mark.parametrize('renames, message', [
+    # a renamed folder sorts elsewhere: every label after it names another class
+    ({'checker': 'zigzag'}, "10 of 10 labels differ (label 0: 'checker' in training, 'circle' here; label 1: "
+                            "'circle' in training, 'cross' here; label 2: 'cross' in training, 'diagonal' here)"),
+    # another dataset with as many classes
+    ({name: f'class_{i}' for i, name in enumerate(builtin_data.CLASSES)},
+     "10 of 10 labels differ (label 0: 'checker' in training, 'class_0' here; label 1: "),
+])
+def test_other_class_folders_are_refused_unless_allowed(trained, shapes, tmp_path, capsys, renames, message):
+    names = sorted(folder.name for folder in (shapes / 'train').iterdir())
+    args = ['--checkpoint', str(with_class_names(trained, tmp_path, names)),
+            '--data-dir', str(renamed_classes(shapes, tmp_path, renames))]
+    assert run_validate(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and 'pass --allow-other-classes to evaluate anyway' in err[0], err
+
+    out = tmp_path / 'r.json'
+    assert run_validate(*args, '--allow-other-classes', '--results-file', str(out)) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('validate.py: warning: ') and message in err[0], err
+    assert json.loads(out.read_text())['images'] == 50
+
+
+def test_same_class_folders_pass_and_a_checkpoint_without_names_says_what_it_checks(trained, shapes, tmp_path,
+                                                                                       capsys):
+    names = sorted(folder.name for folder in (shapes / 'train').iterdir())
+    assert run_validate('--checkpoint', str(with_class_names(trained, tmp_path, names))) == 0
+    assert capsys.readouterr().err == ''
+    assert run_validate('--checkpoint', str(with_class_names(trained, tmp_path, None))) == 0
+    assert 'only the class count is checked' in capsys.readouterr().err

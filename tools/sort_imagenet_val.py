@@ -6,22 +6,46 @@
 
 LABELS is either Kaggle's LOC_val_solution.csv (ImageId,PredictionString: the synset comes first) or a text file of
 50,000 synsets, one per line, in the order of the files ILSVRC2012_val_00000001.JPEG ... 00050000.JPEG.
+tools/prepare_imagenet.py reads the same labels to write the sorted tree straight from ILSVRC2012_img_val.tar.
 """
 import argparse
 import csv
+import io
+import re
 import sys
 from pathlib import Path
 
+SYNSET = re.compile(r'n\d{8}')
+FORMATS = 'expected LOC_val_solution.csv or a list of synsets (n01440764 ...), one per line'
+
 
 def read_labels(path: Path) -> dict:
-    """{file name: synset} from either label format."""
-    with open(path, newline='') as f:
-        first = f.readline()
-        f.seek(0)
-        if first.startswith('ImageId'):
-            return {f"{row['ImageId']}.JPEG": row['PredictionString'].split()[0] for row in csv.DictReader(f)}
-        synsets = [line.strip() for line in f if line.strip()]
+    """{file name: synset} from either label format; ValueError says what is wrong with the file."""
+    try:
+        text = path.read_text(encoding='utf-8-sig')  # a BOM, as spreadsheet programs write, is not part of the header
+    except UnicodeDecodeError:
+        raise ValueError(f'{path} is not a text file: {FORMATS}') from None
+    if text.startswith('ImageId'):
+        return _read_kaggle_csv(path, text)
+    synsets = [line.strip() for line in text.splitlines() if line.strip()]
+    if synsets and all(s.isdigit() for s in synsets):
+        raise ValueError(f"{path} holds class numbers (the devkit's ILSVRC2012_validation_ground_truth.txt?): their "
+                         f"synsets are in the devkit's meta.mat, which we do not read; {FORMATS}")
+    wrong = next((i for i, synset in enumerate(synsets, start=1) if not SYNSET.fullmatch(synset)), None)
+    if not synsets or wrong:
+        where = f'entry {wrong} is {synsets[wrong - 1]!r}' if wrong else 'it is empty'
+        raise ValueError(f'{path}: {where}: {FORMATS}')
     return {f'ILSVRC2012_val_{i:08d}.JPEG': synset for i, synset in enumerate(synsets, start=1)}
+
+
+def _read_kaggle_csv(path: Path, text: str) -> dict:
+    labels = {}
+    for line, row in enumerate(csv.DictReader(io.StringIO(text, newline='')), start=2):
+        synset = (row.get('PredictionString') or '').split()[:1]
+        if not row.get('ImageId') or not synset or not SYNSET.fullmatch(synset[0]):
+            raise ValueError(f'{path} line {line}: expected ImageId,PredictionString with the synset first')
+        labels[f"{row['ImageId']}.JPEG"] = synset[0]
+    return labels
 
 
 def sort_folder(val_dir: Path, labels: dict) -> int:
@@ -45,7 +69,11 @@ def main(argv=None) -> int:
     for path in (args.val_dir, args.labels):
         if not path.exists():
             raise SystemExit(f'error: not found: {path}')
-    moved = sort_folder(args.val_dir, read_labels(args.labels))
+    try:
+        labels = read_labels(args.labels)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    moved = sort_folder(args.val_dir, labels)
     classes = sum(1 for p in args.val_dir.iterdir() if p.is_dir())
     print(f'moved {moved} images into {classes} class folders under {args.val_dir}')
     return 0

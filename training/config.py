@@ -7,7 +7,9 @@ import argparse
 import difflib
 import math
 import os
-from dataclasses import dataclass
+import shlex
+from collections.abc import Hashable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,6 +79,37 @@ def number_or_list(value):
     return number(value[0] if isinstance(value, (list, tuple)) else value)
 
 
+def _limited(convert: Callable, ok: Callable, requirement: str) -> Callable:
+    def convert_limited(value):
+        result = convert(value)
+        if not ok(result):
+            raise ValueError(f'expected {requirement}')
+        return result
+    convert_limited.__name__ = convert.__name__
+    return convert_limited
+
+
+def positive(convert: Callable) -> Callable:
+    return _limited(convert, lambda v: v > 0, f'a positive {convert.__name__}')
+
+
+def non_negative(convert: Callable) -> Callable:
+    return _limited(convert, lambda v: v >= 0, f'a {convert.__name__} of 0 or more')
+
+
+fraction = _limited(number, lambda v: 0.0 <= v <= 1.0, 'a number between 0 and 1')
+decay = _limited(number, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
+
+
+def eval_interpolation(value) -> str:
+    # timm's 'random' picks a mode per training image; an evaluation transform needs one mode
+    value = text(value)
+    if value == 'random':
+        raise ValueError('expected bilinear, bicubic or nearest (random is for training only: set '
+                         'train_interpolation to random)')
+    return value
+
+
 @dataclass(frozen=True)
 class Option:
     name: str  # YAML key and argparse destination
@@ -87,6 +120,7 @@ class Option:
     choices: Optional[tuple] = None
     optional: bool = False  # None (YAML null, 'none' on the command line) is a valid value
     role: str = 'experiment'  # EXPERIMENT: changing it changes results; RUN: how or where it runs; ACTION
+    group: str = ''  # --help section, set by _grouped() from the title above it in OPTIONS
 
     @property
     def flag(self) -> str:
@@ -95,94 +129,123 @@ class Option:
 
 EXPERIMENT, RUN, ACTION = 'experiment', 'run', 'action'
 
-OPTIONS = (
-    # data
+
+def _grouped(*items) -> tuple:
+    """Options in schema order, each in the --help group of the title (a string) that precedes it."""
+    group, options = None, []
+    for item in items:
+        if isinstance(item, str):
+            group = item
+        else:
+            options.append(replace(item, group=group))
+    return tuple(options)
+
+
+OPTIONS = _grouped(
+    'data',
     Option('data_dir', None, text, 'dataset root holding train/ and val/ (default: $IMAGENET_DIR, else data/imagenet)',
            optional=True, role=RUN),
     Option('dataset', '', text, "dataset type: '' for class folders, 'builtin' for the generated shapes, "
                                 "or a timm dataset name such as 'torch/cifar10'"),
     Option('train_split', 'train', text, 'training split'),
     Option('val_split', 'validation', text, "validation split ('validation' finds a val/ folder)"),
-    Option('num_classes', None, integer, 'number of classes (default: the number of class folders)', optional=True),
-    # model
+    Option('num_classes', None, positive(integer), 'number of classes (default: the number of class folders)',
+           optional=True),
+    'model',
     Option('model', 'resnet50_custom', text, 'timm model name'),
-    Option('drop_rate', 0.0, number, 'dropout before the classifier'),
-    Option('drop_path_rate', 0.0, number, 'stochastic depth rate of the last block (rises linearly from 0)'),
+    Option('drop_rate', 0.0, fraction, 'dropout before the classifier'),
+    Option('drop_path_rate', 0.0, fraction, 'stochastic depth rate of the last block (rises linearly from 0)'),
     Option('zero_init_last', True, flag, "zero-init each block's last BN gamma"),
     Option('initial_checkpoint', None, text, 'start a new schedule from the weights of this checkpoint',
            optional=True),
     Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides', choices=('ema', 'raw')),
-    # input size and preprocessing (defaults from the model's pretrained cfg)
-    Option('img_size', None, integer, 'training image size (default: the model default, 224)', optional=True),
-    Option('val_img_size', None, integer, 'validation image size (default: img_size)', optional=True),
-    Option('crop_pct', None, number, 'validation center crop fraction (default: the model default, 0.875)',
+    'input size and preprocessing',  # defaults from the model's pretrained cfg
+    Option('img_size', None, positive(integer), 'training image size (default: the model default, 224)',
            optional=True),
-    Option('interpolation', None, text, 'resize interpolation (default: the model default, bilinear)',
-           optional=True, choices=('bilinear', 'bicubic', 'nearest', 'random')),
+    Option('val_img_size', None, positive(integer), 'validation image size (default: img_size)', optional=True),
+    Option('crop_pct', None, positive(number), 'validation center crop fraction (default: the model default, 0.875)',
+           optional=True),
+    Option('interpolation', None, eval_interpolation, 'resize interpolation of evaluation, and of training unless '
+           'train_interpolation is set (default: the model default, bilinear)',
+           optional=True, choices=('bilinear', 'bicubic', 'nearest')),
+    Option('train_interpolation', None, text, "training resize interpolation; 'random' picks bilinear or bicubic per "
+           'image (default: interpolation)', optional=True, choices=('bilinear', 'bicubic', 'nearest', 'random')),
+    Option('decode', 'cpu', text, "where JPEGs are decoded and augmented: 'cpu' (loader workers, timm's transforms) "
+           "or 'gpu' (workers read bytes, the training device decodes and augments the batch)",
+           choices=('cpu', 'gpu'), role=RUN),
+    Option('jpeg_draft', True, flag, 'CPU path: decode a JPEG at reduced size (DCT scaling) when the sampled crop '
+           'allows it', role=RUN),
+    Option('max_bad_images', 0.001, fraction, 'share of an epoch\'s images that may be unreadable (each replaced and '
+           'logged) before the run stops', role=RUN),
     Option('mean', None, listof(number, (1, 3)), 'normalisation mean (default: ImageNet)', optional=True),
-    Option('std', None, listof(number, (1, 3)), 'normalisation std (default: ImageNet)', optional=True),
-    # augmentation
+    Option('std', None, listof(positive(number), (1, 3)), 'normalisation std (default: ImageNet)', optional=True),
+    'augmentation and regularisation',
     Option('scale', [0.08, 1.0], listof(number, (2,)), 'RandomResizedCrop area range'),
-    Option('ratio', [0.75, 4.0 / 3.0], listof(number, (2,)), 'RandomResizedCrop aspect ratio range'),
-    Option('hflip', 0.5, number, 'horizontal flip probability'),
-    Option('vflip', 0.0, number, 'vertical flip probability'),
+    Option('ratio', [0.75, 4.0 / 3.0], listof(positive(number), (2,)), 'RandomResizedCrop aspect ratio range'),
+    Option('hflip', 0.5, fraction, 'horizontal flip probability'),
+    Option('vflip', 0.0, fraction, 'vertical flip probability'),
     Option('color_jitter', 0.4, number_or_list, 'colour jitter strength, or [brightness, contrast, saturation, hue]'),
     Option('auto_augment', None, text, "timm auto-augment string: 'rand-m9-mstd0.5-inc1' (RandAugment), "
            "'rand-n1-m10-mstd101-inc1-p1.0' (TrivialAugment-like), 'original' (AutoAugment); turns colour jitter off",
            optional=True),
-    Option('re_prob', 0.0, number, 'random erasing probability'),
+    Option('re_prob', 0.0, fraction, 'random erasing probability'),
     Option('re_mode', 'pixel', text, 'random erasing fill', choices=('pixel', 'rand', 'const')),
-    Option('re_count', 1, integer, 'random erasing regions per image'),
-    Option('mixup', 0.0, number, 'Mixup alpha (0 = off)'),
-    Option('cutmix', 0.0, number, 'CutMix alpha (0 = off)'),
+    Option('re_count', 1, positive(integer), 'random erasing regions per image'),
+    Option('mixup', 0.0, non_negative(number), 'Mixup alpha (0 = off)'),
+    Option('cutmix', 0.0, non_negative(number), 'CutMix alpha (0 = off)'),
     Option('cutmix_minmax', None, listof(number, (2,)), 'CutMix box size range (overrides cutmix alpha)',
            optional=True),
-    Option('mixup_prob', 1.0, number, 'probability of mixing a batch'),
-    Option('mixup_switch_prob', 0.5, number, 'probability of CutMix instead of Mixup when both are on'),
+    Option('mixup_prob', 1.0, fraction, 'probability of mixing a batch'),
+    Option('mixup_switch_prob', 0.5, fraction, 'probability of CutMix instead of Mixup when both are on'),
     Option('mixup_mode', 'batch', text, 'mixing unit', choices=('batch', 'pair', 'elem')),
-    Option('smoothing', 0.1, number, 'label smoothing'),
+    Option('smoothing', 0.1, fraction, 'label smoothing'),
     Option('bce_loss', False, flag, 'binary cross-entropy loss instead of softmax cross-entropy'),
-    # optimisation
-    Option('batch_size', 128, integer, 'GLOBAL batch size: images per optimizer step over all processes',
+    'optimisation and schedule',
+    Option('batch_size', 128, positive(integer), 'GLOBAL batch size: images per optimizer step over all processes',
            flags=('-b',)),
-    Option('lr', 0.1, number, 'peak learning rate at batch_size'),
+    Option('lr', 0.1, positive(number), 'peak learning rate at batch_size'),
     Option('lr_scale', 'linear', text, 'how lr follows a batch_size given on the command line',
            choices=('linear', 'sqrt', 'none')),
     Option('opt', 'sgd', text, "timm optimizer: 'momentum' (SGD), 'sgd' (SGD + Nesterov), 'adamw', 'lamb', ..."),
-    Option('momentum', 0.9, number, 'SGD momentum'),
-    Option('weight_decay', 1.0e-4, number, 'weight decay (never on norm layers and biases)'),
-    Option('opt_eps', None, number, 'optimizer epsilon', optional=True),
+    Option('momentum', 0.9, non_negative(number), 'SGD momentum'),
+    Option('weight_decay', 1.0e-4, non_negative(number), 'weight decay (never on norm layers and biases)'),
+    Option('opt_eps', None, positive(number), 'optimizer epsilon', optional=True),
     Option('opt_betas', None, listof(number, (2,)), 'optimizer betas', optional=True),
-    Option('clip_grad', None, number, 'gradient clipping threshold (off when null)', optional=True),
+    Option('clip_grad', None, positive(number), 'gradient clipping threshold (off when null)', optional=True),
     Option('clip_mode', 'norm', text, 'gradient clipping mode', choices=('norm', 'value', 'agc')),
     # schedule: a pure function of the optimizer step
-    Option('epochs', 100, integer, 'epochs to train'),
+    Option('epochs', 100, positive(integer), 'epochs to train'),
     Option('sched', 'cosine', text, 'learning rate schedule, updated every step',
            choices=('cosine', 'step', 'multistep', 'poly', 'constant')),
-    Option('warmup_epochs', 0, number, 'linear warmup length in epochs'),
-    Option('warmup_lr', 1.0e-5, number, 'learning rate at the start of warmup'),
-    Option('min_lr', 0.0, number, 'learning rate at the end of the schedule'),
-    Option('decay_epochs', 30.0, number, 'step schedule: epochs between decays'),
-    Option('decay_milestones', [30, 60, 90], listof(integer), 'multistep schedule: epochs to decay at'),
-    Option('decay_rate', 0.1, number, 'step/multistep decay factor (poly: the power)'),
-    Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV2)'),
-    Option('model_ema_decay', 0.9998, number, 'EMA decay per optimizer step'),
-    Option('seed', 42, integer, 'seed of the sample order, augmentation, Mixup, drop path and init'),
-    # evaluation and checkpoints
+    Option('warmup_epochs', 0, non_negative(number), 'linear warmup length in epochs'),
+    Option('warmup_lr', 1.0e-5, non_negative(number), 'learning rate at the start of warmup'),
+    Option('min_lr', 0.0, non_negative(number), 'learning rate at the end of the schedule'),
+    Option('decay_epochs', 30.0, positive(number), 'step schedule: epochs between decays'),
+    Option('decay_milestones', [30, 60, 90], listof(non_negative(integer)), 'multistep schedule: epochs to decay at'),
+    Option('decay_rate', 0.1, positive(number), 'step/multistep decay factor (poly: the power)'),
+    Option('seed', 42, non_negative(integer), 'seed of the sample order, augmentation, Mixup, drop path and init'),
+    'EMA',
+    Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV3)'),
+    Option('model_ema_decay', 0.9998, decay, 'EMA decay per optimizer step'),
+    'evaluation and checkpoints',
     Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
            choices=('top1', 'top5', 'loss')),
-    Option('checkpoint_hist', 3, integer, 'number of best epoch checkpoints to keep', role=RUN),
-    Option('recovery_interval', 0, integer, 'recovery checkpoint every N optimizer steps (0 = off)', role=RUN),
-    Option('recovery_minutes', 15.0, number, 'recovery checkpoint every M minutes of training (0 = off)', role=RUN),
-    Option('validation_batch_size', None, integer, 'validation batch per process (default: training micro-batch)',
+    Option('checkpoint_hist', 3, positive(integer), 'number of best epoch checkpoints to keep', role=RUN),
+    Option('recovery_interval', 0, non_negative(integer), 'recovery checkpoint every N optimizer steps (0 = off)',
+           role=RUN),
+    Option('recovery_minutes', 15.0, non_negative(number), 'recovery checkpoint every M minutes of training (0 = off)',
+           role=RUN),
+    Option('validation_batch_size', None, positive(integer),
+           'validation batch per process (default: training micro-batch)',
            flags=('-vb',), optional=True, role=RUN),
-    # execution: how and where it runs, free to change when resuming
+    'execution and distributed',  # how and where it runs, free to change when resuming
     Option('output', 'output', text, 'root of the run folders', role=RUN),
     Option('experiment', None, text, 'run folder name (default: the recipe name)', optional=True, role=RUN),
     Option('recipe', None, text, 'name of the recipe this run follows (set from -c)', optional=True, role=RUN),
     Option('device', 'auto', text, "'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'", role=RUN),
-    Option('workers', 4, integer, 'data loading processes per training process', flags=('-j',), role=RUN),
-    Option('max_batch_per_device', None, integer, 'largest micro-batch per process; more is accumulated',
+    Option('workers', 4, non_negative(integer), 'data loading processes per training process', flags=('-j',),
+           role=RUN),
+    Option('max_batch_per_device', None, positive(integer), 'largest micro-batch per process; more is accumulated',
            optional=True, role=RUN),
     Option('amp', False, flag, 'mixed precision', role=RUN),
     Option('amp_dtype', 'bfloat16', text, 'mixed precision type (float16 uses a grad scaler)',
@@ -192,15 +255,16 @@ OPTIONS = (
     Option('deterministic', False, flag, 'deterministic algorithms where torch has them (bit-exact repeats on CPU; on '
            'GPU some kernels, such as average pooling backward, stay non-deterministic)', role=RUN),
     Option('sync_bn', False, flag, 'synchronise BatchNorm statistics across processes'),
-    Option('dist_timeout', 30.0, number, 'minutes before a stalled collective aborts the job', role=RUN),
-    Option('log_interval', 50, integer, 'optimizer steps between log lines', role=RUN),
+    Option('dist_timeout', 30.0, positive(number), 'minutes before a stalled collective aborts the job', role=RUN),
+    'logging',
+    Option('log_interval', 50, positive(integer), 'optimizer steps between log lines', role=RUN),
     Option('log_wandb', False, flag, 'log to Weights & Biases', role=RUN),
     Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=RUN),
     Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=RUN),
     Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=RUN),
     Option('wandb_name', None, text, 'W&B run name (default: the experiment)', optional=True, role=RUN),
     Option('wandb_tags', [], listof(text), 'W&B tags', role=RUN),
-    # actions: what to do with the run folder; never saved
+    'actions',  # what to do with the run folder; never saved
     Option('resume', None, text, 'resume from this checkpoint instead of the newest one in the run folder',
            optional=True, role=ACTION),
     Option('start_over', False, flag, 'delete the run in the run folder and start again', role=ACTION),
@@ -252,8 +316,11 @@ def _build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog='train.py', argument_default=argparse.SUPPRESS,
         description='Train an image classifier from a YAML recipe; command line flags override the recipe.')
-    parser.add_argument('-c', '--config', help='recipe YAML (or a run folder\'s config.yaml to replay it)')
+    parser.add_argument('-c', '--config', help="recipe YAML (or a run folder's config.yaml: see its header)")
+    groups = {}
     for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
         default = f' (default: {option.default})' if option.default not in (None, '', []) else ''
         kwargs = dict(dest=option.name, help=option.help + default)
         if option.convert is flag:
@@ -262,16 +329,38 @@ def _build_parser() -> OneLineParser:
             kwargs.update(nargs='+', metavar='V')
         else:
             kwargs['metavar'] = option.name.upper()
-        parser.add_argument(option.flag, *option.flags, **kwargs)
+        groups[option.group].add_argument(option.flag, *option.flags, **kwargs)
     return parser
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':  # '<<' merges another mapping; its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it, with its own message
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'{key} is given twice (lines {lines[key]} and {line})', key_node.start_mark)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def load_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        hint = f'; its configuration is {path / "config.yaml"}' if (path / 'config.yaml').is_file() else ''
+        raise UserError(f'recipe {path} is a directory, not a YAML file{hint}')
     if not path.is_file():
         raise UserError(f'recipe not found: {path}')
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as e:
         raise UserError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
     if data is None:
@@ -283,6 +372,9 @@ def load_yaml(path) -> dict:
 
 def parse_config(argv: Optional[list] = None) -> dict:
     """Resolve the configuration from defaults, an optional recipe (-c) and command line flags.
+
+    Every value is converted and range-checked where it is read (so a recipe's batch_size: 0 is refused even when -b
+    overrides it), the options are checked against each other, and only then is lr rescaled to a new batch size.
 
     Returns:
         A plain dict with one typed value per option, plus 'lr_rescaled_from' ((lr, batch) of the recipe when a
@@ -306,11 +398,11 @@ def parse_config(argv: Optional[list] = None) -> dict:
         config[key] = _check_value(BY_NAME[key], value, 'command line')
 
     config['experiment'] = config['experiment'] or config['recipe'] or config['model']
+    validate(config)
     config['lr_rescaled_from'] = None
     if 'batch_size' in cli and 'lr' not in cli and config['batch_size'] != recipe_batch:
         config['lr'] = scaled_lr(recipe_lr, recipe_batch, config['batch_size'], config['lr_scale'])
         config['lr_rescaled_from'] = (recipe_lr, recipe_batch)
-    validate(config)
     return config
 
 
@@ -320,37 +412,17 @@ def scaled_lr(lr: float, from_batch: int, to_batch: int, rule: str) -> float:
 
 
 def validate(config: dict):
-    """Checks between options that need no data or devices; see BatchLayout for the rest."""
+    """Checks between options (each value's own range is checked as it is read); see BatchLayout for the rest."""
     def require(ok: bool, message: str):
         if not ok:
             raise UserError(message)
-    require(config['batch_size'] > 0, 'batch_size must be positive')
-    require(config['epochs'] > 0, 'epochs must be positive')
-    require(config['lr'] > 0, 'lr must be positive')
-    require(config['workers'] >= 0, 'workers must be 0 or more')
-    require(config['seed'] >= 0, 'seed must be 0 or more')
-    require(config['dist_timeout'] > 0, 'dist_timeout must be positive')
-    require(config['validation_batch_size'] is None or config['validation_batch_size'] > 0,
-            'validation_batch_size must be positive')
-    require(config['img_size'] is None or config['img_size'] > 0, 'img_size must be positive')
-    require(config['log_interval'] > 0, 'log_interval must be positive')
-    require(0.0 <= config['model_ema_decay'] < 1.0, 'model_ema_decay must be in [0, 1)')
     require(config['warmup_epochs'] < config['epochs'], 'warmup_epochs must be shorter than epochs')
     require(config['scale'][0] <= config['scale'][1], 'scale must be [min, max]')
-    require(config['max_batch_per_device'] is None or config['max_batch_per_device'] > 0,
-            'max_batch_per_device must be positive')
-    require(config['checkpoint_hist'] >= 1, 'checkpoint_hist must be 1 or more')
+    require(config['ratio'][0] <= config['ratio'][1], 'ratio must be [min, max]')
     require(not (config['start_over'] and config['resume']), 'start_over and resume exclude each other')
-    for key in ('drop_rate', 'drop_path_rate', 'hflip', 'vflip', 're_prob', 'mixup_prob', 'smoothing'):
-        require(0.0 <= config[key] <= 1.0, f'{key} must be between 0 and 1')
-
-
-def data_root(config: dict) -> Path:
-    if config['data_dir']:
-        return Path(config['data_dir'])
-    if config['dataset'] == 'builtin':
-        return Path('data/shapes')
-    return Path(os.environ.get('IMAGENET_DIR') or 'data/imagenet')
+    require(not (config['decode'] == 'gpu' and config['auto_augment']),
+            'decode: gpu cannot apply auto_augment (RandAugment, TrivialAugment and AutoAugment exist only as PIL '
+            'operations): use decode: cpu, or drop auto_augment')
 
 
 def saved_config(config: dict) -> dict:
@@ -358,10 +430,19 @@ def saved_config(config: dict) -> dict:
     return {o.name: config[o.name] for o in OPTIONS if o.role != ACTION}
 
 
+def replay_command(config: dict, path) -> str:
+    """The command that trains a run's configuration again, in a new run folder next to it."""
+    return f"python train.py -c {shlex.quote(str(path))} --experiment {shlex.quote(config['experiment'] + '-replay')}"
+
+
 def save_config(config: dict, path):
     text = yaml.safe_dump(saved_config(config), sort_keys=False, default_flow_style=None)
+    header = (f"# resolved configuration of run {config['experiment']}\n"
+              f'# replay it in a new run folder: {replay_command(config, path)}\n'
+              f'# (python train.py -c {shlex.quote(str(path))} alone resumes this run, and does nothing once it has '
+              'finished)\n')
     tmp = Path(f'{path}.tmp')
-    tmp.write_text(f'# resolved configuration; replay with: python train.py -c {path}\n' + text)
+    tmp.write_text(header + text)
     os.replace(tmp, path)
 
 

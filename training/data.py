@@ -5,8 +5,11 @@ The order of an epoch is a permutation drawn from (seed, epoch). Optimizer step 
 micro-batches. Each sample's augmentation is seeded from (seed, epoch, position). So the same images with the same
 augmentation make up step k on any number of processes or loader workers, and a resumed run needs only (epoch, k).
 """
+import hashlib
+import json
 import logging
 import math
+import os
 import random
 import signal
 from dataclasses import dataclass
@@ -16,12 +19,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.utils.data
-from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.data.loader import PrefetchLoader
+from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
 
 from . import builtin_data
-from .config import UserError, data_root
+from .config import UserError
+from .images import CheckedLoader, LazyImageFolder, seed_sample, with_draft_crop
 
 _logger = logging.getLogger(__name__)
 
@@ -116,8 +120,9 @@ class EvalBatchSampler(torch.utils.data.Sampler):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """Seeds Python, NumPy and torch from a sample's own seed before its transform runs, so its augmentation does
-    not depend on which worker loads it or on what that worker loaded before."""
+    """(index, seed) items, each loaded with its augmentation seeded from its own seed, so that it does not depend on
+    which worker loads it or on what that worker loaded before. A LazyImageFolder seeds again before each try of a
+    bad file's replacement, so a replaced sample is the same on every run."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -127,7 +132,9 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        seed_all(seed)
+        if isinstance(self.dataset, LazyImageFolder):
+            return self.dataset.load(index, seed)
+        seed_sample(seed)
         return self.dataset[index]
 
 
@@ -138,30 +145,27 @@ def _worker_init(worker_id: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _with_batch_sampler(loader, dataset, batch_sampler):
-    """Rebuild the DataLoader that timm's create_loader() made around our batch sampler.
+def _checked_loader(dataset, batch_sampler, data_cfg: dict, workers: int, device, bad_images,
+                    max_bad: Optional[float]) -> CheckedLoader:
+    """timm's collate and prefetcher around a DataLoader that takes its batches from our batch sampler.
 
-    create_loader() takes no sampler: it picks RandomSampler, DistributedSampler or OrderedDistributedSampler itself
-    (the last pads the validation set with duplicates). Exact mid-epoch resume, batches that do not depend on the
-    number of processes, and exact distributed validation need the samplers above, so we keep everything else it
-    built (transforms, collate, worker count, prefetcher) and swap the sampler.
-
-    Workers are not persistent: they ignore SIGTERM (see _worker_init), so they must end with each pass over the
-    data rather than be left for the interpreter's exit, which would stop them with SIGTERM.
+    timm's create_loader() takes no sampler: it picks RandomSampler, DistributedSampler or OrderedDistributedSampler
+    itself (the last pads the validation set with duplicates). Exact mid-epoch resume, batches that do not depend on
+    the number of processes, and exact distributed validation need the samplers above, so the loader is built here
+    from the same parts. Workers persist between passes; CheckedLoader.close() ends them.
     """
-    inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
-    rebuilt = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batch_sampler,
-        num_workers=inner.num_workers,
-        collate_fn=inner.collate_fn,
-        pin_memory=inner.pin_memory,
+        num_workers=workers,
+        collate_fn=fast_collate,
+        pin_memory=device.type == 'cuda',
         worker_init_fn=_worker_init,
+        persistent_workers=workers > 0,
     )
-    if isinstance(loader, PrefetchLoader):
-        loader.loader = rebuilt
-        return loader
-    return rebuilt
+    prefetcher = PrefetchLoader(loader, mean=data_cfg['mean'], std=data_cfg['std'],
+                                channels=data_cfg['input_size'][0], device=device)
+    return CheckedLoader(loader, prefetcher, bad_images, max_bad)
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -175,7 +179,8 @@ def split_folder(root: Path, split: str) -> Path:
 
 
 def open_image_folder(root: Path, split: str, dataset: str = ''):
-    """timm's dataset for one split, with one-line errors for the usual layout mistakes."""
+    """One split: a LazyImageFolder for a folder of class folders, timm's dataset for a named one, with one-line
+    errors for the usual layout mistakes."""
     if dataset:
         try:
             return create_dataset(dataset, root=str(root), split=split)
@@ -184,10 +189,11 @@ def open_image_folder(root: Path, split: str, dataset: str = ''):
     folder = split_folder(root, split)
     if not folder.is_dir():
         raise UserError(f'no {split} split at {folder}: expected {folder}/<class>/<image>.JPEG')
-    ds = create_dataset('', root=str(folder), split=split, search_split=False)
+    try:
+        ds = LazyImageFolder(str(folder))
+    except RuntimeError:  # timm's folder reader found no image files
+        raise UserError(f'no images found under {folder}') from None
     classes = classes_of(ds)
-    if len(ds) == 0:
-        raise UserError(f'no images found under {folder}')
     if '' in classes or '.' in classes:
         raise UserError(f'{folder} holds images but no class folders: expected {folder}/<class>/<image>.JPEG '
                         '(ImageNet\'s flat val folder must be sorted first, see README)')
@@ -201,66 +207,158 @@ def classes_of(dataset) -> list:
     return list(getattr(dataset, 'classes', []))
 
 
-def prepare_builtin_data(config: dict):
-    """Write the built-in shapes dataset where a `dataset: builtin` run expects it, unless it is there."""
-    root = data_root(config)
-    if config['dataset'] == 'builtin' and not root.exists():
-        _logger.info(f'Generating the built-in shapes dataset in {root}')
-        builtin_data.generate(root, seed=0)
+BUILTIN_ROOT = Path('data/shapes')
 
 
-def create_datasets(config: dict):
+def locate_dataset(data_dir: Optional[str], dataset: str) -> tuple:
+    """(root, timm dataset name) of a run's data; the one place that knows `dataset: builtin`.
+
+    The built-in shapes are generated at data/shapes on first use. A --data-dir is never filled with them: a
+    mistyped ImageNet path must fail, not train on shapes.
+    """
+    if dataset != 'builtin':
+        return Path(data_dir or os.environ.get('IMAGENET_DIR') or 'data/imagenet'), dataset
+    if data_dir:
+        return Path(data_dir), ''
+    if not BUILTIN_ROOT.exists():
+        _logger.info(f'Generating the built-in shapes dataset in {BUILTIN_ROOT}')
+        builtin_data.generate(BUILTIN_ROOT, seed=0)
+    return BUILTIN_ROOT, ''
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    num_classes: int
+    fingerprint: dict  # what a checkpoint records of the data: image and class counts, class names, manifest
+
+
+def open_datasets(root: Path, dataset: str, train_split: str, val_split: str,
+                  num_classes: Optional[int]) -> Datasets:
     """The training and validation datasets of a run, checked against each other and num_classes."""
-    root = data_root(config)
-    dataset = '' if config['dataset'] == 'builtin' else config['dataset']
     if not dataset and not root.is_dir():
         raise UserError(f'no dataset at {root} (set --data-dir or IMAGENET_DIR): expected '
                         f'{root}/train/<synset>/*.JPEG and {root}/val/<synset>/*.JPEG')
-    train = open_image_folder(root, config['train_split'], dataset)
-    val = open_image_folder(root, config['val_split'], dataset)
+    train = open_image_folder(root, train_split, dataset)
+    val = open_image_folder(root, val_split, dataset)
     train_classes, val_classes = classes_of(train), classes_of(val)
     if train_classes and val_classes and train_classes != val_classes:
         raise UserError(f'train has {len(train_classes)} classes and val {len(val_classes)}, or other names: '
                         'both need the same class folders')
-    num_classes = len(train_classes) or config['num_classes']
-    if config['num_classes'] and num_classes != config['num_classes']:
-        raise UserError(f"num_classes is {config['num_classes']} but {root} has {num_classes} classes")
-    if not num_classes:
+    found = len(train_classes) or num_classes
+    if num_classes and found != num_classes:
+        raise UserError(f'num_classes is {num_classes} but {root} has {found} classes')
+    if not found:
         raise UserError(f'cannot tell the number of classes of {dataset}: set num_classes')
-    return train, val, num_classes
+    fingerprint = dict(train_images=len(train), val_images=len(val), classes=found,
+                       class_names=train_classes or None, train_files=listing_sha256(train),
+                       manifest=read_manifest(root))
+    return Datasets(train, val, found, fingerprint)
 
 
-def data_config(config: dict, model, img_size: Optional[int], crop_pct: Optional[float] = None) -> dict:
+def listing_sha256(dataset) -> Optional[str]:
+    """sha256 of a folder dataset's (label, file) list: a swap of images between class folders changes it even when
+    the class names and counts stay (ImageNet's file names carry their synset). None for other datasets."""
+    reader = getattr(dataset, 'reader', None)
+    samples = getattr(reader, 'samples', None)
+    if samples is None:
+        return None
+    root = Path(reader.root)
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f'{label}\t{Path(path).relative_to(root)}\n'.encode())
+    return digest.hexdigest()
+
+
+def read_manifest(root: Path) -> Optional[dict]:
+    """The identity of a dataset prepared by tools/prepare_imagenet.py (counts, settings and the sha256 of its file
+    listing), so that runs on different copies of ImageNet can be told apart; None for other datasets."""
+    path = root / 'manifest.json'
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        splits = {name: dict(images=split['images'], classes=split['classes'], sha256=split['sha256'],
+                             bad_files=len(split.get('bad_files', [])))
+                  for name, split in manifest['splits'].items()}
+        return dict(sha256=manifest['sha256'], imagenet=manifest['imagenet'], images=manifest['images'],
+                    settings=manifest['settings'], splits=splits)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f'{path} is not a manifest of tools/prepare_imagenet.py ({type(e).__name__}: {e})') from None
+
+
+@dataclass(frozen=True)
+class Loaders:
+    train: object  # yields (images, targets) on the device, one micro-batch at a time
+    sampler: 'TrainBatchSampler'
+    val: object
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch
+
+
+def build_loaders(config: dict, datasets: Datasets, model, layout: BatchLayout, procs) -> Loaders:
+    """Training and validation loaders over this process's share of the data."""
+    train_cfg, val_cfg = data_configs(config, model)
+    train, sampler = create_train_loader(datasets.train, config, train_cfg, layout, procs.rank, procs.device)
+    val_batch = config['validation_batch_size'] or layout.micro_batch
+    val = create_eval_loader(datasets.val, val_cfg, val_batch, config['workers'], procs.device, procs.rank,
+                             procs.world_size, config['max_bad_images'], config['decode'])
+    return Loaders(train, sampler, val)
+
+
+def data_config(config: dict, model, img_size: Optional[int], crop_pct: Optional[float] = None,
+                interpolation: Optional[str] = None) -> dict:
     """timm's data config (input size, interpolation, mean, std, crop) of a run's settings, at one image size."""
     overrides = {k: config.get(k) for k in ('interpolation', 'mean', 'std', 'crop_pct') if config.get(k) is not None}
     if crop_pct is not None:
         overrides['crop_pct'] = crop_pct
+    if interpolation is not None:
+        overrides['interpolation'] = interpolation
     return resolve_data_config(args=dict(overrides, img_size=img_size), model=model)
 
 
 def data_configs(config: dict, model) -> tuple:
-    """Data configs for training and for validation (at val_img_size when set)."""
-    return (data_config(config, model, config['img_size']),
+    """Data configs for training (at train_interpolation when set: it may be 'random', which only training takes) and
+    for validation (at val_img_size when set)."""
+    return (data_config(config, model, config['img_size'], interpolation=config.get('train_interpolation')),
             data_config(config, model, config['val_img_size'] or config['img_size']))
 
 
+def image_samples(dataset) -> list:
+    """(path, label) pairs of a folder dataset, for loaders that read the files themselves (decode: gpu)."""
+    samples = getattr(getattr(dataset, 'reader', None), 'samples', None)
+    if samples is None:
+        raise UserError('decode: gpu reads image files: it needs a folder of class folders, not a named dataset')
+    return samples
+
+
 def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, rank: int, device):
-    try:
-        loader = _create_train_loader(dataset, config, data_cfg, layout, device)
-    except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the augmentation settings
-        raise UserError(f"augmentation settings refused by timm (auto_augment {config['auto_augment']!r}, "
-                        f"color_jitter {config['color_jitter']!r}): {e}") from None
+    """This process's training loader (a CheckedLoader: close() it when done) and its batch sampler."""
     sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'])
     if sampler.steps_per_epoch == 0:
         raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
-    return _with_batch_sampler(loader, SeededSamples(dataset), sampler), sampler
+    if config['decode'] == 'gpu':
+        from .gpu_decode import create_gpu_train_loader  # imported here: gpu_decode imports this module
+        return create_gpu_train_loader(image_samples(dataset), config, data_cfg, sampler, device), sampler
+    try:
+        dataset.transform = _train_transform(config, data_cfg)
+    except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the augmentation settings
+        raise UserError(f"augmentation settings refused by timm (auto_augment {config['auto_augment']!r}, "
+                        f"color_jitter {config['color_jitter']!r}): {e}") from None
+    max_bad = config['max_bad_images'] * sampler.steps_per_epoch * layout.per_process
+    loader = _checked_loader(SeededSamples(dataset), sampler, data_cfg, config['workers'], device,
+                             getattr(dataset, 'bad_images', None), max_bad)
+    return loader, sampler
 
 
-def _create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, device):
-    return create_loader(
-        dataset,
-        input_size=data_cfg['input_size'],
-        batch_size=layout.micro_batch,
+def _train_transform(config: dict, data_cfg: dict):
+    """timm's training transform for these settings, as create_loader() builds it; with jpeg_draft, its random
+    resized crop decodes JPEGs at reduced size where the crop allows (see training/images.py)."""
+    transform = create_transform(
+        data_cfg['input_size'],
         is_training=True,
         scale=tuple(config['scale']),
         ratio=tuple(config['ratio']),
@@ -271,30 +369,36 @@ def _create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLay
         interpolation=data_cfg['interpolation'],
         mean=data_cfg['mean'],
         std=data_cfg['std'],
-        num_workers=config['workers'],
-        pin_memory=device.type == 'cuda',
-        device=device,
         re_prob=0.0,  # applied per step by create_random_erasing(), see there
+        use_prefetcher=True,  # uint8 images: the PrefetchLoader normalises them on the device
     )
+    return with_draft_crop(transform) if config['jpeg_draft'] else transform
 
 
 def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, device, rank: int = 0,
-                       world_size: int = 1):
-    loader = create_loader(
-        dataset,
-        input_size=data_cfg['input_size'],
-        batch_size=batch_size,
+                       world_size: int = 1, max_bad_images: Optional[float] = None, decode: str = 'cpu'):
+    """This process's evaluation loader (a CheckedLoader: close() it when done).
+
+    Images decode at full size: the published protocol resizes full-size pixels (to img_size / crop_pct, then a
+    center crop), and ImageNet's validation images, ~500x375, are below the twice 256 px that a DCT scale needs.
+    Bad images are replaced and logged; with max_bad_images, more than that share of the shard stops the run.
+    """
+    sampler = EvalBatchSampler(len(dataset), batch_size, rank, world_size)
+    if decode == 'gpu':
+        from .gpu_decode import create_gpu_eval_loader
+        return create_gpu_eval_loader(image_samples(dataset), data_cfg, sampler, workers, device, max_bad_images)
+    dataset.transform = create_transform(
+        data_cfg['input_size'],
         is_training=False,
         interpolation=data_cfg['interpolation'],
         mean=data_cfg['mean'],
         std=data_cfg['std'],
         crop_pct=data_cfg['crop_pct'],
         crop_mode=data_cfg.get('crop_mode'),
-        num_workers=workers,
-        pin_memory=device.type == 'cuda',
-        device=device,
+        use_prefetcher=True,
     )
-    return _with_batch_sampler(loader, dataset, EvalBatchSampler(len(dataset), batch_size, rank, world_size))
+    max_bad = None if max_bad_images is None else max_bad_images * (sampler.end - sampler.start)
+    return _checked_loader(dataset, sampler, data_cfg, workers, device, getattr(dataset, 'bad_images', None), max_bad)
 
 
 def create_random_erasing(config: dict, device) -> Optional[RandomErasing]:

@@ -164,5 +164,6 @@ class StopRequest:
         if self.signal is not None and not self.reported:
             self.reported = True
             _logger.warning(f'{signal.Signals(self.signal).name} received: stopping after this step to save a '
-                            'recovery checkpoint (a second signal exits at once)')
+                            f'recovery checkpoint (another signal more than {self.REPEAT_GRACE:g} s after this one '
+                            'exits at once, without saving)')
         return agree_any([self.signal is not None, *other_flags], self.procs)

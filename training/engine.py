@@ -1,23 +1,20 @@
-"""The training epoch and the evaluation, shared by train.py and validate.py."""
+"""What a training step uses besides the model (mixed precision, BatchNorm averaging, clipping) and the evaluation
+shared by train.py and validate.py."""
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.utils import dispatch_clip_grad
 
-from .checkpoint import Progress
-from .data import STEP, BatchLayout, derive_seed, seed_all
-from .distributed import Processes, mean_over_ranks, sum_over_ranks
+from .distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
 
 _logger = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
-    """A stop signal was agreed on; the caller saves a recovery checkpoint and exits."""
+    """A stop signal was agreed on, and what could be saved was saved; train.py exits."""
 
 
 class NonFiniteLoss(Exception):
@@ -66,147 +63,22 @@ class BatchNormSteps:
             b.copy_(mean.view_as(b))
 
 
-@dataclass
-class Trainer:
-    """What a training step needs: built by train.py, used by train_one_epoch()."""
-    model: torch.nn.Module  # unwrapped: saved, evaluated, and averaged by the EMA
-    train_model: torch.nn.Module  # the model as trained: DDP and/or torch.compile around `model`
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    loss_fn: Callable
-    mixup: Optional[Callable]
-    random_erasing: Optional[Callable]
-    model_ema: Optional[torch.nn.Module]
-    batchnorm: Optional[BatchNormSteps]  # None: a single process without accumulation needs no averaging
-    scaler: Optional[object]  # timm NativeScaler, for float16
-    layout: BatchLayout
-    procs: Processes
-    amp_dtype: Optional[torch.dtype]
-    channels_last: bool
-    clip_grad: Optional[float]
-    clip_mode: str
-    seed: int
-    log_interval: int
-    epochs: int
-
-
-def _loss_backward(t: Trainer, loss: torch.Tensor, last_micro: bool):
-    if t.scaler is not None:
-        t.scaler(loss, t.optimizer, clip_grad=t.clip_grad, clip_mode=t.clip_mode,
-                 parameters=t.model.parameters(), need_update=last_micro)
-        return
-    loss.backward()
-    if last_micro:
-        if t.clip_grad is not None:
-            dispatch_clip_grad(t.model.parameters(), t.clip_grad, mode=t.clip_mode)
-        t.optimizer.step()
-
-
-def train_one_epoch(t: Trainer, loader, progress: Progress, steps_per_epoch: int,
-                    after_step: Callable[[], tuple], save: Callable[[], None], log: Callable[[dict], None]) -> dict:
-    """Train from progress.step to the end of progress.epoch, updating `progress` after every optimizer step.
-
-    After each optimizer step, after_step() returns (stop, save_due), agreed by all processes. Before a save the losses
-    since the last check are verified finite, so a diverged state is never written; on stop, a recovery checkpoint is
-    saved and Interrupted raised. log() receives the step metrics every log_interval steps and at the epoch's end.
-
-    Returns:
-        Speed of the steps this call ran: img_per_sec, data_wait (share of the time spent waiting for data).
-    """
-    t.train_model.train()
-    accum = t.layout.accum_steps
-    micro_index = t.procs.rank * accum
-    device = t.procs.device
-    loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
-    step_loss = torch.zeros((), device=device)
-    window, window_first_step = [], progress.step
-    first_step = progress.step
-    epoch_start = clock = window_start = last_end = time.perf_counter()
-    wait = epoch_wait = 0.0
-    for i, (x, y) in enumerate(loader):
-        waited = time.perf_counter() - last_end
-        wait, epoch_wait = wait + waited, epoch_wait + waited
-        j = i % accum
-        seed_all(derive_seed(t.seed, STEP, progress.epoch, progress.step, micro_index + j))
-        if t.random_erasing is not None:
-            x = t.random_erasing(x)
-        if t.mixup is not None:
-            x, y = t.mixup(x, y)
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        last_micro = j == accum - 1
-        if t.batchnorm is not None:
-            t.batchnorm.before_micro(j)
-        no_sync = getattr(t.train_model, 'no_sync', None)
-        with no_sync() if (no_sync is not None and not last_micro) else nullcontext():
-            with autocast(device, t.amp_dtype):
-                loss = t.loss_fn(t.train_model(x), y)
-            step_loss += loss.detach().float() / accum
-            _loss_backward(t, loss / accum, last_micro)
-        if t.batchnorm is not None:
-            t.batchnorm.after_micro()
-        if not last_micro:
-            last_end = time.perf_counter()
-            continue
-
-        t.optimizer.zero_grad(set_to_none=True)
-        if t.batchnorm is not None:
-            t.batchnorm.end_step(accum)
-        if t.model_ema is not None:
-            t.model_ema.update(t.model)
-            progress.ema_updates += 1
-        progress.step += 1
-        progress.global_step += 1
-        t.scheduler.step_update(num_updates=progress.global_step)
-        loss_sum += step_loss
-        window.append(step_loss)
-        step_loss = torch.zeros((), device=device)
-
-        stop, save_due = after_step()
-        log_due = (progress.step % t.log_interval == 0) or (progress.step == steps_per_epoch)
-        if log_due or save_due or stop:
-            losses = mean_over_ranks(torch.stack(window), t.procs)
-            finite = torch.isfinite(losses)
-            if not finite.all():
-                raise NonFiniteLoss(progress.epoch, window_first_step + int((~finite).nonzero()[0]))
-        if log_due:
-            elapsed = time.perf_counter() - window_start
-            steps_done = progress.step - window_first_step
-            step_time = elapsed / steps_done
-            steps_left = (t.epochs - progress.epoch) * steps_per_epoch - progress.step
-            log(dict(
-                epoch=progress.epoch, step=progress.step, steps_per_epoch=steps_per_epoch,
-                global_step=progress.global_step, loss=losses.mean().item(),
-                lr=t.optimizer.param_groups[0]['lr'], img_per_sec=steps_done * t.layout.global_batch / elapsed,
-                data_wait=wait / elapsed, eta_epoch=(steps_per_epoch - progress.step) * step_time,
-                eta_run=steps_left * step_time,
-            ))
-            window, window_first_step, wait = [], progress.step, 0.0
-            window_start = time.perf_counter()
-        if save_due or stop:
-            progress.loss_sum = mean_over_ranks(loss_sum, t.procs).item()
-            now = time.perf_counter()
-            progress.seconds, clock = progress.seconds + now - clock, now
-            save()
-        if stop:
-            raise Interrupted()
-        last_end = time.perf_counter()
-    progress.loss_sum = mean_over_ranks(loss_sum, t.procs).item()
-    now = time.perf_counter()
-    progress.seconds += now - clock
-    seconds = max(now - epoch_start, 1e-9)
-    return dict(img_per_sec=(progress.step - first_step) * t.layout.global_batch / seconds,
-                data_wait=epoch_wait / seconds)
+def clipped_parameters(model: torch.nn.Module, mode: str) -> list:
+    """The parameters gradient clipping applies to: all, but for AGC not the classifier (as in timm's train.py:
+    adaptive clipping of the freshly initialised head would hold back its learning)."""
+    if mode != 'agc':
+        return list(model.parameters())
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return [p for p in model.parameters() if id(p) not in head]
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
-             channels_last: bool = False, tta_flip: bool = False,
-             should_stop: Optional[Callable[[], bool]] = None) -> dict:
+             channels_last: bool = False, tta_flip: bool = False, stop: Optional[StopRequest] = None) -> dict:
     """Top-1, top-5 and mean cross-entropy over every image of the loader's dataset, once each.
 
     Every process evaluates its own shard; sums are reduced, so the result does not depend on the number of
-    processes. should_stop() is asked in the batches all processes share, and raises Interrupted when it says so.
+    processes. A stop request is agreed on in the batches all processes share, and raises Interrupted.
     """
     model.eval()
     device = procs.device
@@ -214,7 +86,7 @@ def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Option
     common_batches = getattr(loader.batch_sampler, 'common_batches', len(loader))
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
-        if (should_stop is not None) and (i < common_batches) and should_stop():
+        if (stop is not None) and (i < common_batches) and stop.agreed()[0]:
             raise Interrupted()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

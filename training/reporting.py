@@ -2,20 +2,21 @@
 import csv
 import io
 import logging
+import logging.handlers
 import netrc
 import os
+import secrets
+import string
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
-import matplotlib
 import torch
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _logger = logging.getLogger(__name__)
 
@@ -23,9 +24,10 @@ SUMMARY_COLUMNS = (
     'epoch', 'train_loss', 'lr',
     'val_loss', 'val_top1', 'val_top5',
     'ema_val_loss', 'ema_val_top1', 'ema_val_top5',
-    'epoch_seconds', 'img_per_sec', 'data_wait',
+    'epoch_seconds', 'img_per_sec', 'data_wait', 'bad_images',
 )
 TIMING_COLUMNS = ('epoch_seconds', 'img_per_sec', 'data_wait')
+WANDB_START_WAIT = 300  # seconds the end of a run waits for a W&B start still under way
 
 
 class TerminalProgress:
@@ -66,8 +68,12 @@ class _ConsoleHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0) -> TerminalProgress:
-    """Log to the terminal and to run_dir/log.txt (appended on resume); other ranks log warnings only.
+LOG_FORMAT = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
+
+
+def setup_logging(is_primary: bool, rank: int = 0) -> TerminalProgress:
+    """Log to the terminal; other ranks log warnings only. Until log_to_file() names the run folder, rank 0's lines
+    are also kept in memory, so that log.txt gets them all.
 
     Returns:
         The terminal progress line (disabled when not on a terminal, and on ranks other than 0).
@@ -77,17 +83,27 @@ def setup_logging(run_dir: Path, is_primary: bool, rank: int = 0) -> TerminalPro
         root.removeHandler(handler)
         handler.close()
     progress = TerminalProgress(wanted=is_primary)
-    formatter = logging.Formatter('%(asctime)s %(message)s', datefmt='%Y-%m-%d %H:%M:%S')
     console = _ConsoleHandler(sys.stdout, progress)
-    console.setFormatter(formatter if is_primary else logging.Formatter(f'[rank {rank}] %(message)s'))
+    console.setFormatter(LOG_FORMAT if is_primary else logging.Formatter(f'[rank {rank}] %(message)s'))
     root.addHandler(console)
     if is_primary:
-        file_handler = logging.FileHandler(run_dir / 'log.txt')
-        file_handler.setFormatter(formatter)
-        root.addHandler(file_handler)
+        root.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     root.setLevel(logging.INFO if is_primary else logging.WARNING)
     logging.getLogger('timm.utils.checkpoint_saver').setLevel(logging.WARNING)  # lists its files every epoch
     return progress
+
+
+def log_to_file(run_dir: Path):
+    """From now on also log to run_dir/log.txt (appended on resume), starting with the lines kept so far."""
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(run_dir / 'log.txt')
+    file_handler.setFormatter(LOG_FORMAT)
+    for handler in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        handler.setTarget(file_handler)
+        handler.flush()
+        root.removeHandler(handler)
+        handler.close()
+    root.addHandler(file_handler)
 
 
 def duration(seconds: float) -> str:
@@ -161,7 +177,8 @@ def plot_runs(runs: dict, path: Path):
     Args:
         runs: {label: summary rows}; one run gives its curves.png, several are overlaid.
     """
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
+    fig = Figure(figsize=(12, 8), dpi=100)  # not pyplot: its global state is not for threads
+    axes = fig.subplots(2, 2)
     panels = [(axes[0, 0], 'val_top1', 'validation top-1 (%)'), (axes[0, 1], 'val_loss', 'validation loss'),
               (axes[1, 0], 'train_loss', 'train loss'), (axes[1, 1], 'lr', 'learning rate (end of epoch)')]
     for i, (label, rows) in enumerate(runs.items()):
@@ -181,7 +198,6 @@ def plot_runs(runs: dict, path: Path):
     fig.tight_layout()
     tmp = path.with_name(path.name + '.tmp.png')
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
@@ -201,80 +217,129 @@ def environment(world_size: int) -> dict:
                 world_size=world_size, cpus=os.cpu_count(), python=sys.version.split()[0])
 
 
-class WandbLogger:
-    """Weights & Biases logging for rank 0 that never stops training: a failure warns once and turns it off.
+def new_wandb_run_id() -> str:
+    """A W&B run id (8 base-36 characters, as W&B makes them), chosen before W&B starts so that it is known at once."""
+    return ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
-    Runs are named by experiment and grouped by recipe, so the runs of one recipe line up. Without an API key (or
-    when the online start fails) it logs offline into the run folder, to be uploaded with `wandb sync`.
+
+def _start_wandb(init_args: dict):
+    """wandb.init: online when there is an API key; offline without one, or when the online start fails (after W&B's
+    init_timeout, 90 s unless WANDB_INIT_TIMEOUT says otherwise)."""
+    import wandb
+    settings = wandb.Settings(console='off')
+    mode = os.environ.get('WANDB_MODE')
+    if (mode is None) and not _has_wandb_key():
+        mode = 'offline'
+        _logger.warning('WARNING: no W&B API key found: logging to W&B offline')
+    try:
+        return wandb.init(mode=mode, settings=settings, **init_args)
+    except Exception as e:
+        if mode == 'offline':
+            raise
+        _logger.warning(f'WARNING: W&B online start failed ({str(e).splitlines()[0][:200]}); logging offline instead')
+    wandb.teardown()  # W&B's service still holds the failed run's id, which the offline run reuses
+    return wandb.init(mode='offline', settings=settings, **init_args)
+
+
+class WandbLogger:
+    """Weights & Biases logging for rank 0 that neither holds up nor stops training.
+
+    W&B starts in a background thread, so a slow or unresponsive server never delays the first steps: what is logged
+    before it is up waits here and is sent, in order, once it is. The run id is chosen up front, so checkpoints hold
+    it from the first save and a resume continues the same W&B run. Runs are named by experiment and grouped by
+    recipe, so the runs of one recipe line up. Without an API key, or when the online start fails, it logs offline
+    into the run folder, to be uploaded with `wandb sync`. A failure warns once and turns W&B off.
     """
 
     def __init__(self, config: dict, run_dir: Path, run_id: Optional[str], extra_config: dict):
+        self.run_id = run_id or new_wandb_run_id()
         self.run = None
         self.offline = False
-        try:
-            import wandb
-            mode = os.environ.get('WANDB_MODE')
-            if mode is None and not _has_wandb_key():
-                mode = 'offline'
-                _logger.warning('WARNING: no W&B API key found: logging to W&B offline')
-            kwargs = dict(
-                project=config['wandb_project'], entity=config['wandb_entity'], dir=str(run_dir),
-                name=config['wandb_name'] or config['experiment'],
-                group=config['wandb_group'] or config['recipe'] or config['experiment'],
-                tags=config['wandb_tags'], config=extra_config, id=run_id, resume='allow' if run_id else None,
-                settings=wandb.Settings(console='off', init_timeout=60))
-            try:
-                self.run = wandb.init(mode=mode, **kwargs)
-            except Exception as e:
-                if mode == 'offline':
-                    raise
-                _logger.warning(f'WARNING: W&B online start failed ({e}); logging offline instead')
-                self.run = wandb.init(mode='offline', **kwargs)
-            self.offline = self.run.settings.mode == 'offline' or self.run.offline
-            self.run.define_metric('epoch')
-            self.run.define_metric('epoch/*', step_metric='epoch')
-        except Exception as e:
-            self._fail(e)
+        self._off = False  # once W&B failed or finished: nothing more is sent
+        self._waiting = []  # what was logged before the run was up, as calls to make on it
+        self._lock = threading.Lock()  # orders the calls of the training thread and of the start
+        init_args = dict(
+            project=config['wandb_project'], entity=config['wandb_entity'], dir=str(run_dir),
+            name=config['wandb_name'] or config['experiment'],
+            group=config['wandb_group'] or config['recipe'] or config['experiment'],
+            tags=config['wandb_tags'], config=extra_config, id=self.run_id, resume='allow')
+        self._starting = threading.Thread(target=self._start, args=(init_args,), name='wandb-start', daemon=True)
+        self._starting.start()
 
-    @property
-    def run_id(self) -> Optional[str]:
-        return self.run.id if self.run is not None else None
+    def _start(self, init_args: dict):
+        try:
+            run = _start_wandb(init_args)
+            run.define_metric('epoch')
+            run.define_metric('epoch/*', step_metric='epoch')
+        except Exception as e:
+            with self._lock:
+                self._fail(e)
+            return
+        with self._lock:
+            if self._off:  # finish() stopped waiting for it
+                return
+            self.run, self.offline = run, (run.settings.mode == 'offline') or run.offline
+            waiting, self._waiting = self._waiting, []
+            for call in waiting:
+                self._apply(call)
 
     def _fail(self, error: Exception):
-        _logger.warning(f'WARNING: W&B failed ({type(error).__name__}: {str(error)[:200]}); W&B logging is off for '
-                        'the rest of this run, training goes on')
-        self.run = None
+        """Warn once and drop W&B for the rest of the run; called with the lock held."""
+        if not self._off:
+            _logger.warning(f'WARNING: W&B failed ({type(error).__name__}: {str(error)[:200]}); W&B logging is off '
+                            'for the rest of this run, training goes on')
+        self._off, self.run, self._waiting = True, None, []
 
-    def _safely(self, fn):
-        if self.run is None:
+    def _apply(self, call):
+        if self._off:
             return
         try:
-            fn()
+            call(self.run)
         except Exception as e:
             self._fail(e)
+
+    def _send(self, call):
+        """Make a call on the W&B run now, or once it is up."""
+        with self._lock:
+            if self._off:
+                return
+            if self.run is None:
+                self._waiting.append(call)
+            else:
+                self._apply(call)
 
     def log_step(self, metrics: dict):
         """Training metrics of a log line, at step = global optimizer step."""
         data = {f'train/{k}': metrics[k] for k in ('loss', 'lr', 'img_per_sec', 'data_wait')}
         data['epoch_progress'] = metrics['epoch'] + metrics['step'] / metrics['steps_per_epoch']
-        self._safely(lambda: self.run.log(data, step=metrics['global_step']))
+        self._send(lambda run: run.log(data, step=metrics['global_step']))
 
     def log_epoch(self, row: dict, global_step: int):
         """A summary.csv row as epoch/<column>, plotted against `epoch`."""
         data = {f'epoch/{k}': v for k, v in row.items() if k != 'epoch' and v is not None}
         data['epoch'] = row['epoch']
-        self._safely(lambda: self.run.log(data, step=global_step))
+        self._send(lambda run: run.log(data, step=global_step))
 
     def set_best(self, metric: str, value: float, weights: str, epoch: int):
-        self._safely(lambda: self.run.summary.update(
-            {f'best/{metric}': value, 'best/weights': weights, 'best/epoch': epoch}))
+        """The best epoch by the metric that ranks checkpoints (eval_metric), as best/<metric>, best/weights and
+        best/epoch in the run's summary."""
+        best = {f'best/{metric}': value, 'best/weights': weights, 'best/epoch': epoch}
+        self._send(lambda run: run.summary.update(best))
 
     def finish(self):
-        if self.run is None:
-            return
-        directory = self.run.dir.rsplit('/files', 1)[0] if self.run.dir else ''
-        self._safely(self.run.finish)
-        if self.offline:
+        """Close the W&B run, first waiting for a start still under way so that what was logged reaches it."""
+        if self._starting.is_alive():
+            _logger.info(f'Waiting for W&B to start (at most {WANDB_START_WAIT} s) to hand it what this run logged')
+            self._starting.join(WANDB_START_WAIT)
+        with self._lock:
+            if self.run is None:
+                self._fail(TimeoutError(f'W&B did not start within {WANDB_START_WAIT} s of the end of training'))
+                return
+            directory = self.run.dir.rsplit('/files', 1)[0] if self.run.dir else ''
+            self._apply(lambda run: run.finish())
+            offline = self.offline and not self._off
+            self._off, self.run = True, None
+        if offline:
             _logger.info(f'W&B logged offline; upload with: wandb sync {directory}')
 
 
@@ -291,6 +356,7 @@ class Reporter:
         self.wandb = wandb_logger
         self.step_time = None
         self.last_tick = None
+        self.plotting = None  # the thread drawing curves.png
 
     def step(self, metrics: dict):
         _logger.info(step_line(metrics))
@@ -318,11 +384,25 @@ class Reporter:
         self.files(history)
 
     def files(self, history: list):
-        """summary.csv and curves.png of the run so far (also rewritten on resume, from the checkpoint)."""
-        if self.is_primary:
-            write_summary(self.run_dir, history)
-            if history:
-                plot_runs({self.run_dir.name: history}, self.run_dir / 'curves.png')
+        """summary.csv and curves.png of the run so far (also rewritten on resume, from the checkpoint).
+
+        curves.png is drawn by a thread while training goes on (drawing takes a few tenths of a second); one drawing
+        at a time, and finish() waits for the last.
+        """
+        if not self.is_primary:
+            return
+        write_summary(self.run_dir, history)
+        if history:
+            self.wait_for_plot()
+            rows = [dict(row) for row in history]
+            self.plotting = threading.Thread(target=plot_runs, args=({self.run_dir.name: rows},
+                                                                     self.run_dir / 'curves.png'))
+            self.plotting.start()
+
+    def wait_for_plot(self):
+        if self.plotting is not None:
+            self.plotting.join()
+            self.plotting = None
 
     def best(self, metric: str, value: float, weights: str, epoch: int):
         if self.wandb is not None:
@@ -330,5 +410,6 @@ class Reporter:
 
     def finish(self):
         self.progress.clear()
+        self.wait_for_plot()
         if self.wandb is not None:
             self.wandb.finish()

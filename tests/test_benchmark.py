@@ -1,0 +1,77 @@
+"""tools/benchmark.py: the pipeline table at tiny scale on CPU, and the ImageNet-like JPEGs it makes."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from tools import benchmark
+from training.reporting import step_line
+
+ROWS = ('step + ModelEmaV3 on device tensors, eager', 'loader alone: ours, decode cpu, jpeg_draft off',
+        'loader alone: ours, decode cpu, jpeg_draft on', 'loader alone: ours, decode gpu',
+        "loader alone: timm's create_loader", 'train.py, decode cpu', 'train.py, decode gpu')
+
+
+@pytest.fixture(scope='module')
+def jpegs(tmp_path_factory):
+    return benchmark.imagenet_like(tmp_path_factory.mktemp('cache'), images=40, processes=2)
+
+
+def test_generated_jpegs_are_imagenet_like(jpegs):
+    train = sorted((jpegs / 'train').rglob('*.JPEG'))
+    assert len(train) == 40 and len(list((jpegs / 'train').iterdir())) == 2  # 40 images in 40 // 20 classes
+    assert sorted(p.name for p in (jpegs / 'val').iterdir()) == sorted(p.name for p in (jpegs / 'train').iterdir())
+    for path in train:
+        width, height = Image.open(path).size
+        assert (300 <= width <= 500) and (250 <= height <= 450)
+        assert 25e3 < path.stat().st_size < 150e3
+    assert 50 <= benchmark.jpeg_stats(jpegs / 'train').mean_kb <= 90
+
+
+def test_generated_jpegs_are_found_again_not_remade(jpegs):
+    stamp = (jpegs / 'train').stat().st_mtime_ns
+    assert benchmark.imagenet_like(jpegs.parent, images=40) == jpegs
+    assert (jpegs / 'train').stat().st_mtime_ns == stamp
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Speeds are not checked here, and on a CPU shared with other jobs multi-threaded torch runs many times slower."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # train.py's processes
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pipeline_table_has_a_speed_in_every_row(jpegs, tmp_path, one_thread):
+    out = tmp_path / 'table.md'
+    code = benchmark.main(['pipeline', '--data', str(jpegs), '--img-size', '32', '-b', '8', '-j', '1',
+                           '--steps', '1', '--device', 'cpu', '--out', str(out)])
+    assert code == 0
+    lines = [line for line in out.read_text().splitlines() if line.startswith('| ') and 'measured' not in line]
+    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip('|').split('|')] for line in lines)}
+    assert tuple(table) == ROWS
+    for what, (workers, speed, share, wait, how) in table.items():
+        if 'decode gpu' in what and speed.startswith('n/a ('):
+            continue  # the GPU decode path is not in every tree
+        assert float(speed.replace(',', '')) > 0, what
+        assert re.fullmatch(r'\d+%', share), what
+    assert table['train.py, decode cpu'][3].endswith('%')  # its data-wait share
+
+
+def test_step_lines_of_train_py_are_parsed():
+    line = step_line(dict(epoch=0, step=12, steps_per_epoch=84, loss=6.9, lr=0.1, img_per_sec=1543.6, data_wait=0.27,
+                          eta_epoch=30, eta_run=3000))
+    assert benchmark.step_windows(f'2026-11-26 03:00:00 {line}\n') == [(12, 84, 1544.0, 0.27)]
+
+
+def test_steady_windows_start_once_the_prefetched_batches_are_used_up():
+    # (step, steps per epoch, img/s, data wait): the start, two windows served from the prefetch buffer, the window
+    # in which it ran out, then the loader's own pace
+    loader_bound = [(3, 18, 100, 0.3), (6, 18, 900, 0.0), (9, 18, 880, 0.0), (12, 18, 500, 0.2), (15, 18, 400, 0.4),
+                    (18, 18, 410, 0.4)]
+    assert benchmark.steady_windows(loader_bound) == loader_bound[4:]
+    compute_bound = [(3, 9, 100, 0.3), (6, 9, 900, 0.0), (9, 9, 880, 0.01)]
+    assert benchmark.steady_windows(compute_bound) == compute_bound[1:]

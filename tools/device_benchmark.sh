@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 8 minutes:
+# environment check, ImageNet-like JPEGs on local disk, then `tools/benchmark.py pipeline` at 224 and 160 px
+# (batch 256, 14 workers, torch.compile ceiling). Everything lands in ${OUT:-out} (six files): run.log (timestamps,
+# exit codes), env.log, jpegs.log, pipeline-224.log, pipeline-160.log, and summary.md (the two tables).
+#
+#   bash tools/device_benchmark.sh              from the repo root, on the GPU machine
+#   TINY=1 bash tools/device_benchmark.sh       the same steps shrunk to run on a CPU in a few minutes (a rehearsal)
+#
+# Each step runs under its own time limit and a failed step does not stop the next; BUDGET (seconds, default 480)
+# bounds the whole. IMAGES, SIZES, STEPS and COMPILE=0 shrink a run to a shorter lease; PYTHON (default python3)
+# and BENCH_DATA (where the JPEGs go) can be set. timm comes from the caller's environment (e.g. PYTHONPATH); this
+# script only checks its version.
+set -u
+OUT=${OUT:-out}
+PYTHON=${PYTHON:-python3}
+BUDGET=${BUDGET:-480}
+mkdir -p "$OUT"
+if [ "${TINY:-0}" = 1 ]; then
+  DATA=${BENCH_DATA:-/tmp/bench-data-tiny}; IMAGES=256; SIZES="64"; BATCH=32; WORKERS=2; STEPS=2
+  EXTRA=(--device cpu)
+else
+  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-21504}; SIZES=${SIZES:-"224 160"}; BATCH=256; WORKERS=14
+  STEPS=${STEPS:-20}
+  EXTRA=(--device cuda)
+  [ "${COMPILE:-1}" = 1 ] && EXTRA+=(--compile)
+fi
+
+log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }
+
+# step NAME LIMIT COMMAND...: run COMMAND with its output in $OUT/NAME.log, for at most LIMIT seconds and never past
+# the budget; its exit code is logged and the script goes on either way
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  if ((left < 30)); then log "skip $name: the ${BUDGET} s budget is spent"; return; fi
+  ((limit > left)) && limit=$left
+  log "start $name (limit ${limit} s)"
+  timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local code=$?
+  log "end $name: exit $code$( ((code == 124 || code == 137)) && echo ' (time limit)')"
+}
+
+log "device benchmark: TINY=${TINY:-0}, data $DATA, $IMAGES images, sizes $SIZES, batch $BATCH, $WORKERS workers"
+step env 60 "$PYTHON" - <<'EOF'
+import io, os, platform, shutil, subprocess, time
+import PIL, numpy, timm, torch, torchvision
+from PIL import Image, features
+print(f'python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), '
+      f'torchvision {torchvision.__version__}, timm {timm.__version__}, Pillow {PIL.__version__}, '
+      f'numpy {numpy.__version__}')
+print(f'libjpeg-turbo in Pillow: {features.check_feature("libjpeg_turbo")}; CPU cores: {os.cpu_count()}; '
+      f'free in /tmp: {shutil.disk_usage("/tmp").free / 1e9:.0f} GB')
+if timm.__version__ != '1.0.31':
+    print(f'WARNING: timm {timm.__version__}, not the pinned 1.0.31')
+if torch.cuda.is_available():
+    print(f'GPU: {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB, '
+          f'bf16 {torch.cuda.is_bf16_supported()}')
+    buffer = io.BytesIO()
+    Image.new('RGB', (400, 350), (200, 120, 40)).save(buffer, 'JPEG', quality=90)
+    data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    try:
+        images = torchvision.io.decode_jpeg([data] * 256, device='cuda')
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(5):
+            images = torchvision.io.decode_jpeg([data] * 256, device='cuda')
+        torch.cuda.synchronize()
+        print(f'nvjpeg (torchvision.io.decode_jpeg on cuda): ok, {tuple(images[0].shape)}, '
+              f'{5 * 256 / (time.perf_counter() - start):,.0f} img/s on a plain 400 x 350 image')
+    except Exception as e:
+        print(f'nvjpeg (torchvision.io.decode_jpeg on cuda): FAILED {type(e).__name__}: {e}')
+    print(subprocess.run(['nvidia-smi'], capture_output=True, text=True).stdout)
+else:
+    print('GPU: none (CUDA not available)')
+EOF
+step jpegs 150 "$PYTHON" tools/benchmark.py jpegs --images "$IMAGES" --cache "$DATA"
+for size in $SIZES; do
+  step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
+    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
+    --out "$OUT/pipeline-$size.md"
+done
+cat "$OUT"/pipeline-*.md >"$OUT/summary.md" 2>/dev/null
+rm -f "$OUT"/pipeline-*.md  # their tables are in summary.md and in the logs: fewer files come back
+log "done; tables in $OUT/summary.md"

@@ -251,3 +251,15 @@ def test_a_repeated_signal_within_the_grace_period_is_the_same_notice(monkeypatc
     stop.received_at -= StopRequest.REPEAT_GRACE + 1
     stop._handle(signal.SIGINT, None)  # a real second request
     assert exits == [128 + signal.SIGINT]
+
+
+def test_the_gpu_decoding_path_resumes_exactly_too(shapes, tmp_path):
+    """decode: gpu, with the CPU as the device: killed mid-epoch and re-run, it ends where an uninterrupted run ends."""
+    gpu = ('--decode', 'gpu', '--epochs', '1', '--recovery-interval', '1')
+    rc, log = run_until(shapes, tmp_path / 'reference', None, None, *gpu)
+    assert rc == 0, log
+    rc, log = run_until(shapes, tmp_path, r'epoch 0 step 3/5', signal.SIGKILL, *gpu)
+    assert rc == -signal.SIGKILL, log
+    rc, log = run_until(shapes, tmp_path, None, None, *gpu)
+    assert rc == 0 and re.search(r'Resuming \S+recovery-0-\d.pth.tar', log), log
+    assert_same_run(tmp_path / 'run', tmp_path / 'reference' / 'run')

@@ -10,7 +10,7 @@ from training.reporting import step_line
 
 ROWS = ('step + ModelEmaV3 on device tensors, eager', 'loader alone: ours, decode cpu, jpeg_draft off',
         'loader alone: ours, decode cpu, jpeg_draft on', 'loader alone: ours, decode gpu',
-        "loader alone: timm's create_loader", 'train.py, decode cpu', 'train.py, decode gpu')
+        "loader alone: timm's create_loader", 'train.py, decode gpu', 'train.py, decode cpu')
 
 
 @pytest.fixture(scope='module')

@@ -118,11 +118,14 @@ def test_resampling_matches_pils_antialiased_filters(interpolation, mode):
         assert difference.mean() < 0.4 and difference.max() < 1.5  # PIL rounds to uint8 after each pass
 
 
-@pytest.mark.parametrize('jitter, interpolation, mean_tol', [('0.0', 'bilinear', 0.5), ('0.4', 'random', 2.0),
-                                                             ('0.4 0.4 0.4 0.1', 'bicubic', 2.5)])
-def test_training_batches_match_timms_transform_for_the_same_seeds(tmp_path, jitter, interpolation, mean_tol):
+@pytest.mark.parametrize('jitter, interpolation, mean_tol, cpu_share', [
+    ('0.0', 'bilinear', 0.5, '0'), ('0.4', 'random', 2.0, '0'), ('0.4 0.4 0.4 0.1', 'bicubic', 2.5, '0'),
+    ('0.4', 'random', 2.0, '0.5'), ('0.4 0.4 0.4 0.1', 'bicubic', 2.5, '1')])
+def test_training_batches_match_timms_transform_for_the_same_seeds(tmp_path, jitter, interpolation, mean_tol,
+                                                                   cpu_share):
     samples = photos(tmp_path, [(48, 64), (64, 40), (50, 50), (36, 90)] * 2)
-    config = train_config('--color-jitter', *jitter.split(), '--vflip', '0.3')
+    config = train_config('--color-jitter', *jitter.split(), '--vflip', '0.3', '--decode', 'gpu',
+                          '--cpu-decode-share', cpu_share)
     sampler = TrainBatchSampler(len(samples), BatchLayout.create(8, 1, None), rank=0, seed=5)
     x, y = first_batch(create_gpu_train_loader(samples, config, data_cfg(interpolation=interpolation), sampler, CPU))
     reference = create_transform(32, is_training=True, scale=tuple(config['scale']), ratio=tuple(config['ratio']),
@@ -135,6 +138,41 @@ def test_training_batches_match_timms_transform_for_the_same_seeds(tmp_path, jit
         # the same crop, flips and jitter; left is PIL's uint8 rounding (and its truncating blends, ~0.5 level each)
         assert difference.mean() < mean_tol and y[k] == samples[index][1]
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_cpu_decode_share_picks_that_share_of_the_seeds_the_same_way_every_time():
+    seeds = range(1000, 21000, 7)
+    for share in (0.0, 0.25, 0.5, 1.0):
+        picked = [s for s in seeds if gpu_decode.decoded_on_cpu(s, share)]
+        assert len(picked) / len(seeds) == pytest.approx(share, abs=0.02)
+        assert picked == [s for s in seeds if gpu_decode.decoded_on_cpu(s, share)]
+    # not tied to the crop: the share of small crops is the same among the picked seeds as among all
+    small = {s for s in seeds if random.Random(s).random() < 0.5}
+    picked = [s for s in seeds if gpu_decode.decoded_on_cpu(s, 0.5)]
+    assert len(small.intersection(picked)) / len(picked) == pytest.approx(len(small) / len(seeds), abs=0.03)
+
+
+def test_cpu_decoded_samples_arrive_as_pixels_at_the_output_size(tmp_path):
+    samples = photos(tmp_path, [(48, 64), (64, 40), (50, 50), (36, 90)] * 2)
+    config = train_config('--decode', 'gpu', '--cpu-decode-share', '0.5')
+    augment = gpu_decode.TrainAugment.create(config, data_cfg())
+    dataset = gpu_decode.EncodedImages(samples, augment, cpu_share=0.5)
+    items = [dataset[(i, 100 + i)] for i in range(len(samples))]
+    batch = gpu_decode.collate(items)
+    on_cpu = [i for i in range(len(samples)) if gpu_decode.decoded_on_cpu(100 + i, 0.5)]
+    assert 0 < len(on_cpu) < len(samples)
+    assert [positions for positions, _ in batch.pixels] == [on_cpu]  # one stacked tensor, one transfer
+    assert batch.pixels[0][1].shape == (len(on_cpu), 3, 32, 32)
+    assert sorted(p for p, _, _ in batch.spans) == [i for i in range(len(samples)) if i not in on_cpu]
+    assert all(batch.params[i, 0:6].tolist() == [32, 32, 0, 0, 32, 32] for i in on_cpu)
+
+
+def test_cpu_decode_share_needs_decode_gpu_and_nvimgcodec_must_be_there_when_asked_for(monkeypatch):
+    with pytest.raises(UserError, match='cpu_decode_share splits the decoding of decode: gpu'):
+        train_config('--cpu-decode-share', '0.5')
+    monkeypatch.setattr(gpu_decode, '_create_nvimgcodec', lambda device: None)
+    with pytest.raises(UserError, match='gpu_decoder: nvimgcodec, but nvImageCodec is not installed'):
+        gpu_decode.JpegDecoder(torch.device('cuda'), 'nvimgcodec')
 
 
 def test_jitter_operations_match_torchvision_on_each_image():

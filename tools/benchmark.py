@@ -290,16 +290,18 @@ def steady_windows(windows: list, wait_threshold: float = 0.02) -> list:
     return later[waiting[0] + 1:] if (waiting and waiting[0] + 1 < len(later)) else later
 
 
-def train_py_speed(config: dict, device: torch.device, decode: str, out: Path) -> Row:
-    """train.py's steady img/s and data-wait share over one epoch of the data, from its step lines."""
-    what = f'train.py, decode {decode}'
+def train_py_speed(config: dict, device: torch.device, decode: str, out: Path, *flags: str) -> Row:
+    """train.py's steady img/s and data-wait share over one epoch of the data, from its step lines; `flags` are
+    train.py's own (e.g. --gpu-decoder torchvision)."""
+    what = ' '.join([f'train.py, decode {decode}', *flags])
     steps_per_epoch = len(open_image_folder(Path(config['data_dir']), 'train')) // config['batch_size']
     interval = max(1, steps_per_epoch // 25)
+    experiment = re.sub(r'[^\w.-]+', '-', what.replace('train.py, ', '')).strip('-')
     command = [sys.executable, str(REPO / 'train.py'), '-c', str(RECIPE), '--data-dir', config['data_dir'],
-               '--output', str(out), '--experiment', f'decode-{decode}', '--img-size', str(config['img_size']),
+               '--output', str(out), '--experiment', experiment, '--img-size', str(config['img_size']),
                '-b', str(config['batch_size']), '-j', str(config['workers']), '--device', str(device),
                '--decode', decode, '--epochs', '1', '--log-interval', str(interval), '--recovery-minutes', '0',
-               '--checkpoint-hist', '1', '--no-log-wandb', *cpu_flags(device)]
+               '--checkpoint-hist', '1', '--no-log-wandb', *cpu_flags(device), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         output = (done.stdout + done.stderr).strip().splitlines() or ['no output']
@@ -331,8 +333,29 @@ def measured(what: str, workers: Optional[int], measure) -> Row:
     return row
 
 
+def compiled_rows(data: Path, args, device: torch.device, out: Path):
+    """Yields the compiled ceiling, then train.py with --torchcompile and decode: gpu."""
+    config = recipe_config(data, args, device)
+    yield measured('step + ModelEmaV3 on device tensors, torch.compile', None, lambda: (
+        step_ceiling(config, device, args.steps, compiled=True), f'{args.steps} steps'))
+    missing = gpu_decode_missing()
+    yield measured(' '.join(['train.py, decode gpu --torchcompile', *args.compile_flags]), config['workers'],
+                   lambda: not_here(missing) if missing else
+                   train_py_speed(config, device, 'gpu', out, '--torchcompile', *args.compile_flags))
+
+
+def nvimgcodec_missing() -> Optional[str]:
+    if importlib.util.find_spec('nvidia') is None or importlib.util.find_spec('nvidia.nvimgcodec') is None:
+        return 'nvImageCodec is not installed'
+    return None
+
+
+def not_here(reason):
+    raise UserError(reason)
+
+
 def pipeline_rows(data: Path, args, device: torch.device, out: Path):
-    """Yields the rows one by one as they are measured: eager ceiling, loaders alone, train.py, compiled ceiling."""
+    """Yields the rows one by one as they are measured: eager ceiling, loaders alone, train.py."""
     config = recipe_config(data, args, device)
     workers = config['workers']
     yield measured('step + ModelEmaV3 on device tensors, eager', None, lambda: (
@@ -352,21 +375,22 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
         speed, batches = loader_speed(timm_loader(config, data_cfg, device), workers, device, timed)
         return speed, f'{batches} batches'
 
-    def not_here(reason):
-        raise UserError(reason)
-
     missing = gpu_decode_missing()
     yield measured('loader alone: ours, decode cpu, jpeg_draft off', workers, lambda: ours('--no-jpeg-draft'))
     yield measured('loader alone: ours, decode cpu, jpeg_draft on', workers, lambda: ours('--jpeg-draft'))
     yield measured('loader alone: ours, decode gpu', workers,
                    lambda: not_here(missing) if missing else ours('--decode', 'gpu'))
     yield measured("loader alone: timm's create_loader", workers, timm_alone)
+    # train.py with decode: gpu as configured (gpu_decoder auto), torchvision's decoder beside nvImageCodec where that
+    # is installed, then each cpu_decode_share asked for
+    gpu_variants = [[]]
+    if device.type == 'cuda' and not nvimgcodec_missing():
+        gpu_variants.append(['--gpu-decoder', 'torchvision'])
+    gpu_variants += [['--cpu-decode-share', str(share)] for share in args.cpu_shares]
+    for flags in gpu_variants:
+        yield measured(' '.join(['train.py, decode gpu', *flags]), workers, lambda: not_here(missing) if missing else
+                       train_py_speed(config, device, 'gpu', out, *flags))
     yield measured('train.py, decode cpu', workers, lambda: train_py_speed(config, device, 'cpu', out))
-    yield measured('train.py, decode gpu', workers,
-                   lambda: not_here(missing) if missing else train_py_speed(config, device, 'gpu', out))
-    if args.compile:  # last: compiling takes a minute or more, and a run cut short keeps the rows above
-        yield measured('step + ModelEmaV3 on device tensors, torch.compile', None, lambda: (
-            step_ceiling(config, device, args.steps, compiled=True), f'{args.steps} steps'))
 
 
 def _speed(value: float) -> str:
@@ -384,9 +408,9 @@ def table_row(row: Row, ceiling: Optional[float]) -> str:
 
 
 def markdown_table(rows: list) -> str:
-    """The rows as a markdown table; shares are of the first row (the eager step's ceiling)."""
+    """The rows as a markdown table; shares are of the first row (the step's ceiling)."""
     ceiling = rows[0].img_per_sec
-    return '\n'.join(['| measured | workers | img/s | of the eager ceiling | data wait | how |',
+    return '\n'.join(['| measured | workers | img/s | of the ceiling | data wait | how |',
                       '|---|---:|---:|---:|---:|---|', *(table_row(row, ceiling) for row in rows)])
 
 
@@ -413,7 +437,7 @@ def pipeline(args):
     print(f'{data}: {made:.0f} s to find or make', flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in pipeline_rows(data, args, device, Path(tmp)):
+        for row in (compiled_rows if args.compile else pipeline_rows)(data, args, device, Path(tmp)):
             rows.append(row)
             print(table_row(row, rows[0].img_per_sec), flush=True)  # a run cut short still shows what it measured
     text = '\n'.join([
@@ -616,7 +640,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('-j', '--workers', type=int, default=min(14, os.cpu_count()))
     p.add_argument('--device', default='auto')
-    p.add_argument('--compile', action='store_true', help='also measure the torch.compile ceiling')
+    p.add_argument('--compile', action='store_true', help='measure the torch.compile ceiling and train.py compiled '
+                   'with decode: gpu instead (shares are then of the compiled ceiling)')
+    p.add_argument('--compile-flags', nargs='*', default=[], help="more train.py flags for its compiled row, each "
+                   "as --flag=value")
+    p.add_argument('--cpu-shares', type=float, nargs='*', default=[],
+                   help='also measure train.py with decode: gpu and each of these cpu_decode_share values')
     p.add_argument('--steps', type=int, default=20, help='timed steps of the ceiling (and least loader batches)')
     p.add_argument('--out', help='also write the table to this markdown file')
     p = sub.add_parser('jpegs', help='make (or find) the generated ImageNet-like JPEGs and print their sizes')

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 8 minutes:
-# environment check, ImageNet-like JPEGs on local disk, then `tools/benchmark.py pipeline` at 224 and 160 px
-# (batch 256, 14 workers, torch.compile ceiling). Everything lands in ${OUT:-out} (six files): run.log (timestamps,
-# exit codes), env.log, jpegs.log, pipeline-224.log, pipeline-160.log, and summary.md (the two tables).
+# The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 9 minutes:
+# environment check, ImageNet-like JPEGs on local disk, the device's JPEG decoders alone, then
+# `tools/benchmark.py pipeline` at 224 and 160 px (batch 256, 14 workers; train.py with decode: gpu on each decoder
+# and with cpu_decode_share 0.5 and 0.75), then the torch.compile rows at 224 px. Everything lands in ${OUT:-out}:
+# run.log (timestamps, exit codes), env.log, jpegs.log, decoders.log, pipeline-224.log, pipeline-160.log,
+# compiled-224.log, and summary.md (the tables).
 #
 #   bash tools/device_benchmark.sh              from the repo root, on the GPU machine
 #   TINY=1 bash tools/device_benchmark.sh       the same steps shrunk to run on a CPU in a few minutes (a rehearsal)
 #
 # Each step runs under its own time limit and a failed step does not stop the next; BUDGET (seconds, default 480)
-# bounds the whole. IMAGES, SIZES, STEPS and COMPILE=0 shrink a run to a shorter lease; PYTHON (default python3)
+# bounds the whole. IMAGES, SIZES, STEPS, COMPILE_SIZES, CPU_SHARES and COMPILE_SHARE shape a run to its lease; PYTHON
+# (default python3)
 # and BENCH_DATA (where the JPEGs go) can be set. timm comes from the caller's environment (e.g. PYTHONPATH); this
 # script only checks its version.
 set -u
@@ -18,13 +21,16 @@ BUDGET=${BUDGET:-480}
 mkdir -p "$OUT"
 if [ "${TINY:-0}" = 1 ]; then
   DATA=${BENCH_DATA:-/tmp/bench-data-tiny}; IMAGES=256; SIZES="64"; BATCH=32; WORKERS=2; STEPS=2
+  CPU_SHARES=${CPU_SHARES-0.5}; COMPILE_SIZES=${COMPILE_SIZES-}
   EXTRA=(--device cpu)
 else
-  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-21504}; SIZES=${SIZES:-"224 160"}; BATCH=256; WORKERS=14
+  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES:-"224 160"}; BATCH=256; WORKERS=14
   STEPS=${STEPS:-20}
   EXTRA=(--device cuda)
-  [ "${COMPILE:-1}" = 1 ] && EXTRA+=(--compile)
 fi
+COMPILE_SIZES=${COMPILE_SIZES-224}  # sizes that also get the torch.compile rows (COMPILE_SIZES= for none)
+CPU_SHARES=${CPU_SHARES-"0.5 0.75"}  # cpu_decode_share values measured with decode: gpu
+COMPILE_SHARE=${COMPILE_SHARE:-0.5}  # the cpu_decode_share of the compiled train.py row
 
 log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }
 
@@ -75,10 +81,44 @@ else:
     print('GPU: none (CUDA not available)')
 EOF
 step jpegs 150 "$PYTHON" tools/benchmark.py jpegs --images "$IMAGES" --cache "$DATA"
+# the device's JPEG decoders alone, on batches of the generated files: img/s and the pixels' difference from PIL's
+step decoders 60 "$PYTHON" - "$DATA" "$BATCH" "${EXTRA[1]}" <<'EOF'
+import sys, time
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from training.gpu_decode import JpegDecoder
+data, batch, device = Path(sys.argv[1]), int(sys.argv[2]), torch.device(sys.argv[3])
+files = sorted(f for f in data.rglob('*') if f.suffix.lower() in ('.jpg', '.jpeg') and '/train/' in str(f))
+encoded = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files[:4 * batch]]
+sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+for which in ('torchvision', 'nvimgcodec'):
+    try:
+        decoder = JpegDecoder(device, which)
+    except Exception as e:
+        print(f'{which}: not available: {e}')
+        continue
+    decoder(encoded[:batch])
+    sync()
+    start = time.perf_counter()
+    images = [image for i in range(0, len(encoded), batch) for image in decoder(encoded[i:i + batch])]
+    sync()
+    speed = len(encoded) / (time.perf_counter() - start)
+    used = 'nvImageCodec' if decoder.nvimgcodec else 'torchvision'
+    diff = np.mean([np.abs(images[i].cpu().permute(1, 2, 0).numpy().astype(int) -
+                           np.asarray(Image.open(files[i]).convert('RGB')).astype(int)).mean() for i in range(64)])
+    print(f'{which}: {speed:,.0f} img/s over {len(encoded)} files in batches of {batch} (decoded by {used}); '
+          f'mean difference from PIL {diff:.2f} levels of 255')
+EOF
 for size in $SIZES; do
   step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
     --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
-    --out "$OUT/pipeline-$size.md"
+    --cpu-shares $CPU_SHARES --out "$OUT/pipeline-$size.md"
+done
+for size in $COMPILE_SIZES; do  # last: compiling takes a minute or two, and a run cut short keeps the tables above
+  step "compiled-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
+    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" --compile \
+    --compile-flags="--cpu-decode-share=$COMPILE_SHARE" --out "$OUT/pipeline-$size-compiled.md"
 done
 cat "$OUT"/pipeline-*.md >"$OUT/summary.md" 2>/dev/null
 rm -f "$OUT"/pipeline-*.md  # their tables are in summary.md and in the logs: fewer files come back

@@ -173,6 +173,12 @@ OPTIONS = _grouped(
     Option('decode', 'cpu', text, "where JPEGs are decoded and augmented: 'cpu' (loader workers, timm's transforms) "
            "or 'gpu' (workers read bytes, the training device decodes and augments the batch)",
            choices=('cpu', 'gpu'), role=RUN),
+    Option('gpu_decoder', 'auto', text, "decode: gpu on CUDA: 'nvimgcodec' (nvImageCodec, the GPU's hardware JPEG "
+           "decoders), 'torchvision' (nvjpeg on the GPU's cores), or 'auto' (nvImageCodec where installed)",
+           choices=('auto', 'nvimgcodec', 'torchvision'), role=RUN),
+    Option('cpu_decode_share', 0.0, fraction, 'decode: gpu: share of the training images that the loader workers '
+           'decode, crop and resize instead (chosen by sample seed), to split the decoding between CPU and GPU',
+           role=RUN),
     Option('jpeg_draft', True, flag, 'CPU path: decode a JPEG at reduced size (DCT scaling) when the sampled crop '
            'allows it', role=RUN),
     Option('max_bad_images', 0.001, fraction, 'share of an epoch\'s images that may be unreadable (each replaced and '
@@ -423,6 +429,8 @@ def validate(config: dict):
     require(not (config['decode'] == 'gpu' and config['auto_augment']),
             'decode: gpu cannot apply auto_augment (RandAugment, TrivialAugment and AutoAugment exist only as PIL '
             'operations): use decode: cpu, or drop auto_augment')
+    require(config['cpu_decode_share'] == 0 or config['decode'] == 'gpu',
+            'cpu_decode_share splits the decoding of decode: gpu (with decode: cpu the workers decode every image)')
 
 
 def saved_config(config: dict) -> dict:

@@ -305,7 +305,7 @@ def build_loaders(config: dict, datasets: Datasets, model, layout: BatchLayout, 
     train, sampler = create_train_loader(datasets.train, config, train_cfg, layout, procs.rank, procs.device)
     val_batch = config['validation_batch_size'] or layout.micro_batch
     val = create_eval_loader(datasets.val, val_cfg, val_batch, config['workers'], procs.device, procs.rank,
-                             procs.world_size, config['max_bad_images'], config['decode'])
+                             procs.world_size, config['max_bad_images'], config['decode'], config['gpu_decoder'])
     return Loaders(train, sampler, val)
 
 
@@ -376,7 +376,8 @@ def _train_transform(config: dict, data_cfg: dict):
 
 
 def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, device, rank: int = 0,
-                       world_size: int = 1, max_bad_images: Optional[float] = None, decode: str = 'cpu'):
+                       world_size: int = 1, max_bad_images: Optional[float] = None, decode: str = 'cpu',
+                       gpu_decoder: str = 'auto'):
     """This process's evaluation loader (a CheckedLoader: close() it when done).
 
     Images decode at full size: the published protocol resizes full-size pixels (to img_size / crop_pct, then a
@@ -386,7 +387,8 @@ def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, d
     sampler = EvalBatchSampler(len(dataset), batch_size, rank, world_size)
     if decode == 'gpu':
         from .gpu_decode import create_gpu_eval_loader
-        return create_gpu_eval_loader(image_samples(dataset), data_cfg, sampler, workers, device, max_bad_images)
+        return create_gpu_eval_loader(image_samples(dataset), data_cfg, sampler, workers, device, max_bad_images,
+                                      gpu_decoder)
     dataset.transform = create_transform(
         data_cfg['input_size'],
         is_training=False,

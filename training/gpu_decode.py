@@ -46,7 +46,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import UserError
 from .data import _worker_init
-from .images import BadImage, BadImages, CheckedLoader, decode_rgb, first_readable, open_image
+from .images import BadImage, BadImages, CheckedLoader, decode_crop, decode_rgb, first_readable, open_image
 
 _logger = logging.getLogger(__name__)
 
@@ -164,16 +164,44 @@ class Encoded(NamedTuple):
     label: int
 
 
+def decoded_on_cpu(seed: int, share: float) -> bool:
+    """Whether a training sample's worker decodes it (a `share` of the seeds), the same choice in every pass.
+
+    A multiplicative hash of the seed: the crop's draws come from random.Random(seed), whose first number would tie the
+    choice to the crop's area, and with it the decoding cost.
+    """
+    return ((seed * 2654435761) % 2 ** 32) < share * 2 ** 32
+
+
+def crop_on_cpu(path: str, augment: TrainAugment, seed: int) -> tuple:
+    """(pixels, params) of a sample that its worker decodes, crops and resizes (at reduced size where the crop allows,
+    as the CPU path's jpeg_draft): CHW uint8 pixels at the output size, and the sample's params with the crop replaced
+    by the whole output, so that the device only flips, jitters and normalises it."""
+    image = open_image(path)
+    try:
+        width, height = image.size
+        params = augment.draw(seed, height, width)
+        top, left, h, w = params[CROP]
+        resample = (Image.NEAREST, Image.BILINEAR, Image.BICUBIC)[params[INTERP]]
+        crop = decode_crop(image, (left, top, left + w, top + h), augment.size[::-1], resample)
+    finally:
+        image.close()
+    params[SIZE], params[CROP] = augment.size, (0, 0, *augment.size)
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1), params
+
+
 class EncodedImages(torch.utils.data.Dataset):
     """Items for the device: a training item is (index, sample seed), an evaluation item an index.
 
     A bad file is replaced as images.first_readable() replaces it on the CPU path: by the next readable file in the
     dataset's order, with that file's label and the sample's seed; `bad_images` records it for CheckedLoader.
+    A `cpu_share` of the training samples is decoded, cropped and resized here instead (decoded_on_cpu()).
     """
 
-    def __init__(self, samples: list, augment: Optional[TrainAugment]):
+    def __init__(self, samples: list, augment: Optional[TrainAugment], cpu_share: float = 0.0):
         self.samples = samples
         self.augment = augment
+        self.cpu_share = cpu_share
         self.bad_images = BadImages([str(path) for path, _ in samples])
 
     def __len__(self) -> int:
@@ -184,6 +212,8 @@ class EncodedImages(torch.utils.data.Dataset):
 
         def encode(candidate: int) -> Encoded:
             path, label = self.samples[candidate]
+            if (seed is not None) and decoded_on_cpu(seed, self.cpu_share):
+                return Encoded(item, candidate, *crop_on_cpu(str(path), self.augment, seed), int(label))
             payload, height, width = read_image(str(path))
             params = self.augment.draw(seed, height, width) if self.augment is not None else [height, width]
             return Encoded(item, candidate, payload, params, int(label))
@@ -194,7 +224,7 @@ class EncodedBatch(NamedTuple):
     """A collated batch: the bytes of the files the device decodes, concatenated, and the pixels of the others."""
     encoded: torch.Tensor  # 1-D uint8
     spans: list  # (position in the batch, start, end) in `encoded`
-    pixels: list  # (position in the batch, CHW uint8)
+    pixels: list  # (positions in the batch, NCHW uint8): the images of one size stacked
     params: torch.Tensor  # float64 [N, P]
     labels: torch.Tensor  # int64 [N]
     items: list  # the sampler's items and the files read, to replace a file the device cannot decode
@@ -202,15 +232,17 @@ class EncodedBatch(NamedTuple):
 
 
 def collate(batch: list) -> EncodedBatch:
-    """One tensor for all bytes: a worker hands the trainer a few tensors per batch instead of one per image."""
-    spans, pixels, chunks, start = [], [], [], 0
+    """One tensor for all bytes and one per image size for pixels: a worker hands the trainer a few tensors per batch
+    instead of one per image, and the trainer copies them to the device in as few transfers."""
+    spans, by_size, chunks, start = [], {}, [], 0
     for position, encoded in enumerate(batch):
         if encoded.payload.dim() == 1:
             spans.append((position, start, start + len(encoded.payload)))
             chunks.append(encoded.payload)
             start += len(encoded.payload)
         else:
-            pixels.append((position, encoded.payload))
+            by_size.setdefault(tuple(encoded.payload.shape), []).append(position)
+    pixels = [(positions, torch.stack([batch[p].payload for p in positions])) for positions in by_size.values()]
     return EncodedBatch(torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8), spans, pixels,
                         torch.tensor([e.params for e in batch], dtype=torch.float64),
                         torch.tensor([e.label for e in batch], dtype=torch.int64), [e.item for e in batch],
@@ -227,26 +259,35 @@ def _create_nvimgcodec(device: torch.device):
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     params = nvimgcodec.DecodeParams(apply_exif_orientation=False)  # and its default, interleaved sRGB
-    return nvimgcodec.Decoder(device_id=index, max_num_cpu_threads=NVIMGCODEC_CPU_THREADS), params
+    # the hardware engines first; no CPU-only backend, which would decode on this process's few threads: a file the
+    # GPU backends refuse is left out, and JpegDecoder hands the batch to torchvision
+    backends = [nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))
+                for kind in ('HW_GPU_ONLY', 'GPU_ONLY', 'HYBRID_CPU_GPU')]
+    return nvimgcodec.Decoder(device_id=index, max_num_cpu_threads=NVIMGCODEC_CPU_THREADS, backends=backends), params
 
 
 class JpegDecoder:
-    """Decodes lists of JPEG bytes on one device: nvImageCodec where installed (CUDA), else torchvision.
+    """Decodes lists of JPEG bytes on one device: on CUDA with nvImageCodec or torchvision (`which`: 'auto' takes
+    nvImageCodec where installed), on CPU with torchvision.
 
     Returns CHW uint8 images, with None for each file that the device could not decode.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, which: str = 'auto'):
         self.device = device
         self.nvimgcodec = None
-        if device.type == 'cuda':
+        if device.type == 'cuda' and which != 'torchvision':
             try:
                 self.nvimgcodec = _create_nvimgcodec(device)
             except Exception as e:  # a broken install must not stop training: torchvision decodes as well
                 _logger.warning(f'nvImageCodec could not start ({type(e).__name__}: {e})')
+            if which == 'nvimgcodec' and self.nvimgcodec is None:
+                raise UserError('gpu_decoder: nvimgcodec, but nvImageCodec is not installed or did not start: pip '
+                                'install nvidia-nvimgcodec-cu13 (cu12 for CUDA 12), or set gpu_decoder auto')
             _logger.info('JPEG decoding on the GPU with ' + (
-                'nvImageCodec' if self.nvimgcodec else 'torchvision/nvjpeg (nvImageCodec is not installed: '
-                'pip install nvidia-nvimgcodec-cu13 for its batched hardware decoding)'))
+                'nvImageCodec' if self.nvimgcodec else 'torchvision/nvjpeg' if which == 'torchvision' else
+                'torchvision/nvjpeg (nvImageCodec is not installed: pip install nvidia-nvimgcodec-cu13 for its '
+                'batched hardware decoding)'))
 
     def __call__(self, encoded: list) -> list:
         if self.nvimgcodec is not None:
@@ -295,8 +336,9 @@ def decode_batch(batch: EncodedBatch, decoder: JpegDecoder, dataset: EncodedImag
         (images, params, labels): a list of CHW uint8 device tensors, float64 CPU params, CPU labels.
     """
     images = [None] * len(batch.labels)
-    for position, pixels in batch.pixels:
-        images[position] = to_device(pixels, decoder.device)
+    for positions, pixels in batch.pixels:
+        for position, image in zip(positions, to_device(pixels, decoder.device).unbind(0)):
+            images[position] = image
     encoded = [batch.encoded[start:end] for _, start, end in batch.spans]
     decoded = decoder(encoded) if encoded else []
     params, labels = batch.params.clone(), batch.labels.clone()
@@ -590,12 +632,13 @@ class DeviceBatches:
     operations release the GIL while they run). On CPU each batch is made when asked for.
     """
 
-    def __init__(self, loader: torch.utils.data.DataLoader, dataset: EncodedImages, prepare, device: torch.device):
+    def __init__(self, loader: torch.utils.data.DataLoader, dataset: EncodedImages, prepare, device: torch.device,
+                 decoder: str):
         self.loader = loader
         self.dataset = dataset
         self.prepare = prepare  # (images, params) -> x
         self.device = device
-        self.decoder = JpegDecoder(device)
+        self.decoder = JpegDecoder(device, decoder)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -628,12 +671,12 @@ class DeviceBatches:
 
 
 def _checked_loader(dataset: EncodedImages, batch_sampler, workers: int, prepare, device: torch.device,
-                    max_bad: Optional[float]) -> CheckedLoader:
+                    max_bad: Optional[float], decoder: str) -> CheckedLoader:
     """data.py's loader shape: persistent workers (CheckedLoader.close() ends them) and the bad-image checks."""
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                                          collate_fn=collate, worker_init_fn=_worker_init,
                                          persistent_workers=workers > 0)
-    return CheckedLoader(loader, DeviceBatches(loader, dataset, prepare, device), dataset.bad_images, max_bad)
+    return CheckedLoader(loader, DeviceBatches(loader, dataset, prepare, device, decoder), dataset.bad_images, max_bad)
 
 
 def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_sampler,
@@ -657,12 +700,12 @@ def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_s
         return normalize(color_jitter(x.div_(255), params, enabled), mean, std)
 
     max_bad = config['max_bad_images'] * batch_sampler.steps_per_epoch * batch_sampler.layout.per_process
-    return _checked_loader(EncodedImages(samples, augment), batch_sampler, config['workers'], prepare, device,
-                           max_bad)
+    return _checked_loader(EncodedImages(samples, augment, config['cpu_decode_share']), batch_sampler,
+                           config['workers'], prepare, device, max_bad, config['gpu_decoder'])
 
 
 def create_gpu_eval_loader(samples: list, data_cfg: dict, batch_sampler, workers: int, device: torch.device,
-                           max_bad_images: Optional[float] = None) -> CheckedLoader:
+                           max_bad_images: Optional[float] = None, decoder: str = 'auto') -> CheckedLoader:
     """Evaluation batches decoded, resized and centre-cropped on `device`: timm's evaluation transform.
 
     Args:
@@ -681,4 +724,4 @@ def create_gpu_eval_loader(samples: list, data_cfg: dict, batch_sampler, workers
         return normalize(x.div_(255), mean, std)
 
     max_bad = None if max_bad_images is None else max_bad_images * (batch_sampler.end - batch_sampler.start)
-    return _checked_loader(EncodedImages(samples, None), batch_sampler, workers, prepare, device, max_bad)
+    return _checked_loader(EncodedImages(samples, None), batch_sampler, workers, prepare, device, max_bad, decoder)

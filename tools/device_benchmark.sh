@@ -29,7 +29,7 @@ else
   EXTRA=(--device cuda)
 fi
 COMPILE_SIZES=${COMPILE_SIZES-224}  # sizes that also get the torch.compile rows (COMPILE_SIZES= for none)
-CPU_SHARES=${CPU_SHARES-"0.5 0.75"}  # cpu_decode_share values measured with decode: gpu
+CPU_SHARES=${CPU_SHARES-"0.5 0.75"}  # cpu_decode_share values measured with decode: gpu (CPU_SHARES_<size> for one)
 COMPILE_SHARE=${COMPILE_SHARE:-0.5}  # the cpu_decode_share of the compiled train.py row
 
 log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }
@@ -111,9 +111,10 @@ for which in ('torchvision', 'nvimgcodec'):
           f'mean difference from PIL {diff:.2f} levels of 255')
 EOF
 for size in $SIZES; do
+  shares="CPU_SHARES_$size"  # CPU_SHARES_160=... sets one size's shares
   step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
     --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
-    --cpu-shares $CPU_SHARES --out "$OUT/pipeline-$size.md"
+    --cpu-shares ${!shares-$CPU_SHARES} --out "$OUT/pipeline-$size.md"
 done
 for size in $COMPILE_SIZES; do  # last: compiling takes a minute or two, and a run cut short keeps the tables above
   step "compiled-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \

@@ -24,7 +24,7 @@ if [ "${TINY:-0}" = 1 ]; then
   CPU_SHARES=${CPU_SHARES-0.5}; COMPILE_SIZES=${COMPILE_SIZES-}
   EXTRA=(--device cpu)
 else
-  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES:-"224 160"}; BATCH=256; WORKERS=14
+  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES-"224 160"}; BATCH=256; WORKERS=14
   STEPS=${STEPS:-20}
   EXTRA=(--device cuda)
 fi

@@ -102,6 +102,21 @@ def test_crop_resize_and_flip_land_where_the_box_says():
     assert torch.allclose(half[1, 0][inner], expect_x.flip(0).expand(20, 24)[inner], atol=1e-3)
 
 
+def test_pixels_already_at_the_output_size_are_copied_and_flipped_as_resampling_would():
+    images = [torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8) for _ in range(3)]
+    images.append(torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8))  # resampled beside them
+    params = torch.zeros(4, 17, dtype=torch.float64)
+    params[:, 2:6] = torch.tensor([[0, 0, 20, 24]] * 3 + [[2, 3, 30, 40]])
+    flips = torch.tensor([[False, False], [True, False], [True, True], [True, False]])
+    for interpolation in (BILINEAR, BICUBIC):
+        codes = torch.full((4,), interpolation)
+        out = resample(images, *crop_axes(params, (20, 24)), flips, codes, (20, 24))
+        assert torch.equal(out[0], images[0].float()) and torch.equal(out[1], images[1].float().flip(2))
+        assert torch.equal(out[2], images[2].float().flip(1).flip(2))
+        alone = resample(images[3:], *crop_axes(params[3:], (20, 24)), flips[3:], codes[3:], (20, 24))
+        assert torch.equal(out[3], alone[0])
+
+
 @pytest.mark.parametrize('interpolation, mode', [(BILINEAR, TF.InterpolationMode.BILINEAR),
                                                  (BICUBIC, TF.InterpolationMode.BICUBIC)])
 def test_resampling_matches_pils_antialiased_filters(interpolation, mode):

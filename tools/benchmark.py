@@ -360,6 +360,13 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
     workers = config['workers']
     yield measured('step + ModelEmaV3 on device tensors, eager', None, lambda: (
         step_ceiling(config, device, args.steps, compiled=False), f'{args.steps} steps'))
+    missing = gpu_decode_missing()
+    if args.quick:
+        for share in args.cpu_shares:
+            flags = ['--cpu-decode-share', str(share)]
+            yield measured(' '.join(['train.py, decode gpu', *flags]), workers, lambda: not_here(missing) if missing
+                           else train_py_speed(config, device, 'gpu', out, *flags))
+        return
     data_cfg = data_config(config, create_model(config['model']), config['img_size'])
     timed = max(2 * max(workers, 1), args.steps)
 
@@ -375,17 +382,16 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
         speed, batches = loader_speed(timm_loader(config, data_cfg, device), workers, device, timed)
         return speed, f'{batches} batches'
 
-    missing = gpu_decode_missing()
     yield measured('loader alone: ours, decode cpu, jpeg_draft off', workers, lambda: ours('--no-jpeg-draft'))
     yield measured('loader alone: ours, decode cpu, jpeg_draft on', workers, lambda: ours('--jpeg-draft'))
     yield measured('loader alone: ours, decode gpu', workers,
                    lambda: not_here(missing) if missing else ours('--decode', 'gpu'))
     yield measured("loader alone: timm's create_loader", workers, timm_alone)
-    # train.py with decode: gpu as configured (gpu_decoder auto), torchvision's decoder beside nvImageCodec where that
-    # is installed, then each cpu_decode_share asked for
+    # train.py with decode: gpu as configured, nvImageCodec's decoder where that is installed, then each
+    # cpu_decode_share asked for
     gpu_variants = [[]]
     if device.type == 'cuda' and not nvimgcodec_missing():
-        gpu_variants.append(['--gpu-decoder', 'torchvision'])
+        gpu_variants.append(['--gpu-decoder', 'nvimgcodec'])
     gpu_variants += [['--cpu-decode-share', str(share)] for share in args.cpu_shares]
     for flags in gpu_variants:
         yield measured(' '.join(['train.py, decode gpu', *flags]), workers, lambda: not_here(missing) if missing else
@@ -644,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                    'with decode: gpu instead (shares are then of the compiled ceiling)')
     p.add_argument('--compile-flags', nargs='*', default=[], help="more train.py flags for its compiled row, each "
                    "as --flag=value")
+    p.add_argument('--quick', action='store_true', help='only the ceiling and train.py with decode: gpu at each '
+                   '--cpu-shares value')
     p.add_argument('--cpu-shares', type=float, nargs='*', default=[],
                    help='also measure train.py with decode: gpu and each of these cpu_decode_share values')
     p.add_argument('--steps', type=int, default=20, help='timed steps of the ceiling (and least loader batches)')

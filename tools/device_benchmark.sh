@@ -10,8 +10,8 @@
 #   TINY=1 bash tools/device_benchmark.sh       the same steps shrunk to run on a CPU in a few minutes (a rehearsal)
 #
 # Each step runs under its own time limit and a failed step does not stop the next; BUDGET (seconds, default 480)
-# bounds the whole. IMAGES, SIZES, STEPS, COMPILE_SIZES, CPU_SHARES and COMPILE_SHARE shape a run to its lease; PYTHON
-# (default python3)
+# bounds the whole. IMAGES, SIZES, STEPS, COMPILE_SIZES, CPU_SHARES and COMPILE_SHARE shape a run to its lease, and
+# QUICK=1 keeps only the ceilings and train.py with decode: gpu at the CPU_SHARES; PYTHON (default python3)
 # and BENCH_DATA (where the JPEGs go) can be set. timm comes from the caller's environment (e.g. PYTHONPATH); this
 # script only checks its version.
 set -u
@@ -82,7 +82,7 @@ else:
 EOF
 step jpegs 150 "$PYTHON" tools/benchmark.py jpegs --images "$IMAGES" --cache "$DATA"
 # the device's JPEG decoders alone, on batches of the generated files: img/s and the pixels' difference from PIL's
-step decoders 60 "$PYTHON" - "$DATA" "$BATCH" "${EXTRA[1]}" <<'EOF'
+[ "${QUICK:-0}" = 1 ] || step decoders 60 "$PYTHON" - "$DATA" "$BATCH" "${EXTRA[1]}" <<'EOF'
 import sys, time
 from pathlib import Path
 import numpy as np, torch
@@ -114,7 +114,7 @@ for size in $SIZES; do
   shares="CPU_SHARES_$size"  # CPU_SHARES_160=... sets one size's shares
   step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
     --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
-    --cpu-shares ${!shares-$CPU_SHARES} --out "$OUT/pipeline-$size.md"
+    --cpu-shares ${!shares-$CPU_SHARES} $( [ "${QUICK:-0}" = 1 ] && echo --quick) --out "$OUT/pipeline-$size.md"
 done
 for size in $COMPILE_SIZES; do  # last: compiling takes a minute or two, and a run cut short keeps the tables above
   step "compiled-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \

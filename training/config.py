@@ -173,9 +173,9 @@ OPTIONS = _grouped(
     Option('decode', 'cpu', text, "where JPEGs are decoded and augmented: 'cpu' (loader workers, timm's transforms) "
            "or 'gpu' (workers read bytes, the training device decodes and augments the batch)",
            choices=('cpu', 'gpu'), role=RUN),
-    Option('gpu_decoder', 'auto', text, "decode: gpu on CUDA: 'nvimgcodec' (nvImageCodec, the GPU's hardware JPEG "
-           "decoders), 'torchvision' (nvjpeg on the GPU's cores), or 'auto' (nvImageCodec where installed)",
-           choices=('auto', 'nvimgcodec', 'torchvision'), role=RUN),
+    Option('gpu_decoder', 'torchvision', text, "decode: gpu on CUDA: 'torchvision' (nvjpeg) or 'nvimgcodec' "
+           "(nvImageCodec, pip nvidia-nvimgcodec-cu13: its hardware JPEG decoders where the GPU and the host expose "
+           "them; on our H200 it was slower, see the README)", choices=('torchvision', 'nvimgcodec'), role=RUN),
     Option('cpu_decode_share', 0.0, fraction, 'decode: gpu: share of the training images that the loader workers '
            'decode, crop and resize instead (chosen by sample seed), to split the decoding between CPU and GPU',
            role=RUN),

@@ -377,7 +377,7 @@ def _train_transform(config: dict, data_cfg: dict):
 
 def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, device, rank: int = 0,
                        world_size: int = 1, max_bad_images: Optional[float] = None, decode: str = 'cpu',
-                       gpu_decoder: str = 'auto'):
+                       gpu_decoder: str = 'torchvision'):
     """This process's evaluation loader (a CheckedLoader: close() it when done).
 
     Images decode at full size: the published protocol resizes full-size pixels (to img_size / crop_pct, then a

@@ -267,27 +267,25 @@ def _create_nvimgcodec(device: torch.device):
 
 
 class JpegDecoder:
-    """Decodes lists of JPEG bytes on one device: on CUDA with nvImageCodec or torchvision (`which`: 'auto' takes
-    nvImageCodec where installed), on CPU with torchvision.
+    """Decodes lists of JPEG bytes on one device: on CUDA with torchvision (nvjpeg) or nvImageCodec (`which`), on CPU
+    with torchvision (libjpeg).
 
     Returns CHW uint8 images, with None for each file that the device could not decode.
     """
 
-    def __init__(self, device: torch.device, which: str = 'auto'):
+    def __init__(self, device: torch.device, which: str = 'torchvision'):
         self.device = device
         self.nvimgcodec = None
-        if device.type == 'cuda' and which != 'torchvision':
+        if device.type == 'cuda' and which == 'nvimgcodec':
             try:
                 self.nvimgcodec = _create_nvimgcodec(device)
             except Exception as e:  # a broken install must not stop training: torchvision decodes as well
                 _logger.warning(f'nvImageCodec could not start ({type(e).__name__}: {e})')
-            if which == 'nvimgcodec' and self.nvimgcodec is None:
+            if self.nvimgcodec is None:
                 raise UserError('gpu_decoder: nvimgcodec, but nvImageCodec is not installed or did not start: pip '
-                                'install nvidia-nvimgcodec-cu13 (cu12 for CUDA 12), or set gpu_decoder auto')
-            _logger.info('JPEG decoding on the GPU with ' + (
-                'nvImageCodec' if self.nvimgcodec else 'torchvision/nvjpeg' if which == 'torchvision' else
-                'torchvision/nvjpeg (nvImageCodec is not installed: pip install nvidia-nvimgcodec-cu13 for its '
-                'batched hardware decoding)'))
+                                'install nvidia-nvimgcodec-cu13 (cu12 for CUDA 12), or set gpu_decoder torchvision')
+        if device.type == 'cuda':
+            _logger.info(f"JPEG decoding on the GPU with {'nvImageCodec' if self.nvimgcodec else 'torchvision/nvjpeg'}")
 
     def __call__(self, encoded: list) -> list:
         if self.nvimgcodec is not None:
@@ -434,6 +432,12 @@ def _chunks(sizes: list) -> list:
     return groups + [group]
 
 
+def _copies(axis: torch.Tensor) -> torch.Tensor:
+    """[N] bools: where an axis (see FIRST...) maps its source line 1:1 onto the output, the resampling is a copy."""
+    return ((axis[:, FIRST] == 0) & (axis[:, SCALE] == 1) & (axis[:, START] == 0)
+            & (axis[:, LENGTH] == axis[:, OUT_LEN]))
+
+
 def resample(images: list, rows: torch.Tensor, cols: torch.Tensor, flips: torch.Tensor, interpolation: torch.Tensor,
              out_size: tuple) -> torch.Tensor:
     """Crop, resize and flip every image: [N, 3, H, W] floats in [0, 255].
@@ -447,7 +451,15 @@ def resample(images: list, rows: torch.Tensor, cols: torch.Tensor, flips: torch.
     heights, widths = rows[:, LENGTH].long().tolist(), cols[:, LENGTH].long().tolist()
     regions = [image[:, t:t + h, l:l + w] for image, t, l, h, w in zip(images, top, left, heights, widths)]
     out = torch.empty(len(images), 3, *out_size, device=device)
-    for group in _chunks([tuple(r.shape[1:]) for r in regions]):
+    copied = (_copies(rows) & _copies(cols)).nonzero().flatten().tolist()
+    if copied:  # pixels the workers cropped and resized (cpu_decode_share): flipped only, no resampling
+        x = torch.stack([regions[i] for i in copied]).float()
+        hflip, vflip = to_device(flips[copied], device).T[..., None, None, None]
+        x = torch.where(hflip, x.flip(3), x)
+        out.index_copy_(0, to_device(torch.tensor(copied), device), torch.where(vflip, x.flip(2), x))
+    rest = sorted(set(range(len(images))) - set(copied))
+    for group in _chunks([tuple(regions[i].shape[1:]) for i in rest]) if rest else []:
+        group = [rest[k] for k in group]
         height = max(regions[i].shape[1] for i in group)
         width = max(regions[i].shape[2] for i in group)
         padded = torch.zeros(len(group), 3, height, width, device=device)
@@ -705,7 +717,7 @@ def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_s
 
 
 def create_gpu_eval_loader(samples: list, data_cfg: dict, batch_sampler, workers: int, device: torch.device,
-                           max_bad_images: Optional[float] = None, decoder: str = 'auto') -> CheckedLoader:
+                           max_bad_images: Optional[float] = None, decoder: str = 'torchvision') -> CheckedLoader:
     """Evaluation batches decoded, resized and centre-cropped on `device`: timm's evaluation transform.
 
     Args:

@@ -636,13 +636,15 @@ def _checked_loader(dataset: EncodedImages, batch_sampler, workers: int, prepare
     return CheckedLoader(loader, DeviceBatches(loader, dataset, prepare, device), dataset.bad_images, max_bad)
 
 
-def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_sampler,
-                            device: torch.device) -> CheckedLoader:
+def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_sampler, device: torch.device,
+                            sizes=None) -> CheckedLoader:
     """Training batches decoded and augmented on `device`: timm's training transform, without auto_augment.
 
     Args:
         samples: (path, label) pairs in the dataset's order (timm's folder reader's `.samples`).
         batch_sampler: a data.TrainBatchSampler (micro-batches of (index, sample seed)).
+        sizes: a data.ImageSizes for progressive resizing (None: data_cfg's size). The workers draw crops in source
+            pixels, whatever the output size: only the device's resampling reads the size of the sampler's epoch.
 
     Returns:
         A CheckedLoader (close() it when done) of (x, y) on `device`.
@@ -652,8 +654,10 @@ def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_s
     mean, std = (torch.tensor(data_cfg[k], device=device).view(1, -1, 1, 1) for k in ('mean', 'std'))
 
     def prepare(images: list, params: torch.Tensor) -> torch.Tensor:
-        rows, cols = crop_axes(params, augment.size)
-        x = resample(images, rows, cols, params[:, FLIPS].bool(), params[:, INTERP].long(), augment.size)
+        # the sampler's epoch changes only between passes, once the batches of the pass are made
+        size = augment.size if sizes is None else (sizes.at(batch_sampler.epoch),) * 2
+        rows, cols = crop_axes(params, size)
+        x = resample(images, rows, cols, params[:, FLIPS].bool(), params[:, INTERP].long(), size)
         return normalize(color_jitter(x.div_(255), params, enabled), mean, std)
 
     max_bad = config['max_bad_images'] * batch_sampler.steps_per_epoch * batch_sampler.layout.per_process

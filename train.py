@@ -27,6 +27,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 
 import model_defs  # noqa: F401  registers resnet50_custom
@@ -85,6 +86,30 @@ def build_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimiz
         raise UserError(f"optimizer {config['opt']!r}: {e}") from None
 
 
+class FfcvStepScheduler(Scheduler):
+    """FFCV's step schedule (train_imagenet.py's get_step_lr): lr * decay_rate ** (epoch // decay_epochs), 0 from the
+    last epoch on, interpolated linearly over the steps of each epoch as FFCV's train_loop does.
+
+    Ours because timm's StepLRScheduler holds each value up to the boundary: FFCV's lr falls over the epoch before each
+    decay, and over the last epoch to 0. timm's Scheduler base gives it step_update() and state_dict().
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, decay_epochs: float, decay_rate: float,
+                 steps_per_epoch: int):
+        self.epochs, self.decay_epochs, self.decay_rate = epochs, decay_epochs, decay_rate
+        self.steps_per_epoch = steps_per_epoch
+        super().__init__(optimizer, param_group_field='lr', t_in_epochs=False)
+
+    def _epoch_lr(self, lr: float, epoch: int) -> float:
+        return 0.0 if epoch >= self.epochs else lr * self.decay_rate ** (epoch // self.decay_epochs)
+
+    def _get_lr(self, t: int) -> list:
+        epoch, step = divmod(t, self.steps_per_epoch)
+        share = step / self.steps_per_epoch
+        ends = [(self._epoch_lr(lr, epoch), self._epoch_lr(lr, epoch + 1)) for lr in self.base_values]
+        return [start + (end - start) * share for start, end in ends]
+
+
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
     """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone.
 
@@ -92,6 +117,9 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
     warmup_epochs, linear down to min_lr at epochs. FFCV interpolates per step between its per-epoch values, which is
     the same line for a whole number of warmup epochs (tests/test_schedule.py compares them step by step).
     """
+    if config['sched'] == 'ffcv_step':
+        return FfcvStepScheduler(optimizer, config['epochs'], config['decay_epochs'], config['decay_rate'],
+                                 steps_per_epoch)
     sched, epochs, power, prefix = config['sched'], config['epochs'], config['decay_rate'], False
     if sched == 'triangular':
         sched, epochs, power, prefix = 'poly', epochs - config['warmup_epochs'], 1.0, True
@@ -574,11 +602,12 @@ def dry_run_lines(config: dict, world_size: int) -> list:
     ]
     if images is None:
         return lines + [f'train images:   unknown: {source}', 'steps, time and cost need the number of images']
-    steps = images // layout.global_batch
-    trained = config['epochs'] * steps * layout.global_batch
+    steps = images // layout.global_batch  # the last partial batch of an epoch is left out
+    per_epoch = steps * layout.global_batch
+    trained = config['epochs'] * per_epoch
     lines += [f'train images:   {images:,} ({source})',
-              f"steps:          {steps:,} per epoch, {config['epochs'] * steps:,} in all ({steps * layout.global_batch:,}"
-              f' images per epoch, {trained:,} in all)']
+              f"steps:          {steps:,} per epoch, {config['epochs'] * steps:,} in all ({per_epoch:,} images per "
+              f'epoch, {trained:,} in all)']
     if config['throughput'] is None:
         return lines + ['expected time:  throughput not given: pass --throughput (img/s per GPU) from '
                         'tools/benchmark.py']

@@ -44,7 +44,8 @@ def ffcv_resolution(epoch, min_res, max_res, end_ramp, start_ramp):
                                                                 (40, 3, 30, 128, 256)])
 def test_image_size_per_epoch_is_ffcvs_ramp(epochs, first, last, start, final):
     sizes = ImageSizes(final, start, (first, last))
-    assert [sizes.at(e) for e in range(epochs)] == [ffcv_resolution(e, start, final, last, first) for e in range(epochs)]
+    expected = [ffcv_resolution(e, start, final, last, first) for e in range(epochs)]
+    assert [sizes.at(e) for e in range(epochs)] == expected
     runs = sizes.ranges(epochs)
     assert [e for a, b, _ in runs for e in range(a, b + 1)] == list(range(epochs))
     assert all(sizes.at(e) == size for a, b, size in runs for e in range(a, b + 1))
@@ -58,6 +59,7 @@ def test_image_size_per_epoch_is_ffcvs_ramp(epochs, first, last, start, final):
     (['--img-size-start', '160', '--resize-epochs', '5', '101'], 'resize_epochs ends at epoch 101, after the last'),
     (['--img-size', '128', '--img-size-start', '160', '--resize-epochs', '1', '2', '--dry-run'],
      'img_size_start 160 is larger than the final training size 128'),
+    (['--sched', 'ffcv_step', '--warmup-epochs', '1'], 'sched ffcv_step has no warmup and ends at 0'),
     (['--bce-target-thresh', '0.2'], 'bce_target_thresh applies to the BCE loss'),
     (['--bce-loss', '--bce-target-thresh', '1.5'], 'bce_target_thresh: expected a number between 0 and 1'),
     (['--model-ema-interval', '0'], 'model_ema_interval: expected a positive integer'),
@@ -148,6 +150,28 @@ def test_triangular_schedule_is_ffcvs_cyclic_lr_at_every_step():
         return optimizer.param_groups[0]['lr']
     assert [lr_at(k) for k in range(16 * 7)] == pytest.approx(ffcv_cyclic_lrs(1.7, 16, 2, 7), rel=1e-9, abs=1e-12)
     assert lr_at(16 * 7) == 0.0
+
+
+def ffcv_step_lrs(lr, epochs, step_length, step_ratio, iters) -> list:
+    """FFCV's lr of every iteration: get_step_lr per epoch, interpolated within the epoch as train_loop does."""
+    def get_step_lr(epoch):
+        return 0 if epoch >= epochs else step_ratio ** (epoch // step_length) * lr
+    return [np.interp(ix, [0, iters], [get_step_lr(e), get_step_lr(e + 1)])
+            for e in range(epochs) for ix in range(iters)]
+
+
+def test_ffcv_step_schedule_is_ffcvs_step_lr_at_every_step():
+    config = parse_config(['--sched', 'ffcv_step', '--lr', '0.5', '--decay-epochs', '3', '--decay-rate', '0.2',
+                           '--epochs', '8'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch=5)
+
+    def lr_at(step):
+        scheduler.step_update(num_updates=step)
+        return optimizer.param_groups[0]['lr']
+    expected = ffcv_step_lrs(0.5, 8, 3, 0.2, 5)
+    assert [lr_at(k) for k in reversed(range(8 * 5))] == pytest.approx(expected[::-1], rel=1e-9, abs=1e-12)
+    assert lr_at(8 * 5) == 0.0
 
 
 def test_command_line_batch_size_and_interval_rescale_the_ema_decay_to_the_same_horizon_in_images(tmp_path):

@@ -164,8 +164,8 @@ OPTIONS = _grouped(
            optional=True),
     Option('img_size_start', None, positive(integer), 'progressive resizing (FFCV): training image size up to epoch '
            'resize_epochs[0], ramping linearly to img_size at resize_epochs[1] in multiples of 32. With torchcompile '
-           'each new size recompiles the model once (torch marks the size dynamic at the second one)',
-           optional=True),
+           'the model compiles twice: for the first size, then at the second with the size dynamic (torch\'s '
+           'automatic dynamic shapes), which serves the later sizes', optional=True),
     Option('resize_epochs', None, listof(non_negative(number), (2,)), 'progressive resizing: [start, end] epochs of '
            'the ramp from img_size_start to img_size', optional=True),
     Option('val_img_size', None, positive(integer), 'validation image size (default: img_size)', optional=True),
@@ -223,9 +223,11 @@ OPTIONS = _grouped(
     Option('clip_mode', 'norm', text, 'gradient clipping mode', choices=('norm', 'value', 'agc')),
     # schedule: a pure function of the optimizer step
     Option('epochs', 100, positive(integer), 'epochs to train'),
-    Option('sched', 'cosine', text, "learning rate schedule, updated every step; 'triangular' is FFCV's: linear from "
-           'warmup_lr to lr at warmup_epochs, then linear to min_lr at the end',
-           choices=('cosine', 'step', 'multistep', 'poly', 'constant', 'triangular')),
+    Option('sched', 'cosine', text, "learning rate schedule, updated every step; 'triangular' is FFCV's cyclic one: "
+           "linear from warmup_lr to lr at warmup_epochs, then linear to min_lr at the end; 'ffcv_step' is FFCV's "
+           'step one: decay_rate every decay_epochs, each decay (and the fall to 0 at the end) spread over the epoch '
+           'before it, no warmup',
+           choices=('cosine', 'step', 'multistep', 'poly', 'constant', 'triangular', 'ffcv_step')),
     Option('warmup_epochs', 0, non_negative(number), 'linear warmup length in epochs (triangular: the peak epoch)'),
     Option('warmup_lr', 1.0e-5, non_negative(number), 'learning rate at the start of warmup'),
     Option('min_lr', 0.0, non_negative(number), 'learning rate at the end of the schedule'),
@@ -460,6 +462,8 @@ def validate(config: dict):
         require(first <= last, f'resize_epochs must be [start, end] with start <= end, got [{first:g}, {last:g}]')
         require(last <= config['epochs'], f"resize_epochs ends at epoch {last:g}, after the last epoch "
                                           f"(epochs {config['epochs']})")
+    require((config['sched'] != 'ffcv_step') or ((config['warmup_epochs'] == 0) and (config['min_lr'] == 0)),
+            'sched ffcv_step has no warmup and ends at 0, as FFCV\'s: set warmup_epochs 0 and min_lr 0')
     require(config['bce_target_thresh'] is None or config['bce_loss'],
             'bce_target_thresh applies to the BCE loss: set bce_loss true, or drop bce_target_thresh')
     require(not (config['decode'] == 'gpu' and config['auto_augment']),

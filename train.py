@@ -596,7 +596,7 @@ def dry_run_lines(config: dict, world_size: int) -> list:
         f"lr:             {config['lr']:g} ({config['sched']} schedule, {config['epochs']} epochs, warmup "
         f"{config['warmup_epochs']:g})",
         f'EMA:            {ema}',
-        *(f'                {line}' for line in rescaling_lines(config)),
+        *(f"{'rescaled:' if i == 0 else '':16}{line}" for i, line in enumerate(rescaling_lines(config))),
         f"image size:     {epoch_ranges(sizes.ranges(config['epochs']))}; validation {val_cfg['input_size'][-1]} px "
         f"(crop_pct {val_cfg['crop_pct']:g})",
     ]
@@ -613,8 +613,9 @@ def dry_run_lines(config: dict, world_size: int) -> list:
                         'tools/benchmark.py']
     seconds = trained / (config['throughput'] * world_size)
     gpu_hours = seconds * world_size / 3600
+    upper_bound = '; the epochs at smaller sizes run faster: an upper bound' if sizes.start is not None else ''
     lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} GPU(s) at {config['throughput']:,g} "
-                 'img/s per GPU (given by --throughput, at the final image size)')
+                 f'img/s per GPU (given by --throughput{upper_bound})')
     if config['price_per_hour'] is None:
         return lines + [f'cost:           {gpu_hours:,.1f} GPU-hours (pass --price-per-hour for the price)']
     return lines + [f"cost:           {gpu_hours:,.1f} GPU-hours x {config['price_per_hour']:g} = "

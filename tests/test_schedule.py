@@ -1,6 +1,7 @@
 """What the recipes schedule: image size per epoch (progressive resizing), FFCV's lr schedule, the EMA's interval and
 its rescaling with the batch size, BCE's target threshold, and the plan that --dry-run prints."""
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -14,9 +15,9 @@ from training.data import (BatchLayout, ImageSizes, TrainBatchSampler, create_tr
                            open_image_folder)
 from training.distributed import Processes
 from training.gpu_decode import create_gpu_train_loader
-from training.reporting import duration
+from training.reporting import TIMING_COLUMNS, duration
 
-from conftest import load, run_train, summary
+from conftest import assert_same_weights, load, run_train, spawn_train, summary
 
 CPU = torch.device('cpu')
 DATA_CFG = dict(input_size=(3, 64, 64), interpolation='bilinear', mean=(0.485, 0.456, 0.406),
@@ -114,12 +115,20 @@ def test_gpu_decoding_trains_each_epoch_at_its_size(shapes):
         assert batch.shape == (8, 3, size, size) and torch.equal(batch, next(iter(fixed))[0])
 
 
-def test_a_run_logs_its_image_size_per_epoch_and_updates_the_ema_every_n_steps(shapes, tmp_path):
-    # 2 epochs of 5 steps: 32 px, then 40 px; one EMA update, after the 10th and last step (resnet18: cheaper)
-    args = ('--img-size-start', '32', '--img-size', '40', '--resize-epochs', '0', '1', '--model-ema-interval', '10',
-            '--model', 'resnet18')
-    assert run_train(shapes, tmp_path, *args) == 0
-    run_dir = tmp_path / 'run'
+# 2 epochs of 5 steps: 32 px, then 40 px; one EMA update, after the 10th and last step (timm's tiny test_resnet)
+RESIZED = ('--img-size-start', '32', '--img-size', '40', '--resize-epochs', '0', '1', '--model-ema-interval', '10',
+           '--model', 'test_resnet', '--recovery-interval', '2', '--deterministic')
+
+
+@pytest.fixture(scope='module')
+def resized(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp('resized')
+    assert run_train(shapes, output, *RESIZED) == 0
+    return output / 'run'
+
+
+def test_a_run_logs_its_image_size_per_epoch_and_updates_the_ema_every_n_steps(resized):
+    run_dir = resized
     assert [row['img_size'] for row in summary(run_dir)] == [32, 40]
     log = (run_dir / 'log.txt').read_text()
     assert 'Epoch 0: training images of 32 px' in log and 'Epoch 1: training images of 40 px' in log
@@ -129,6 +138,24 @@ def test_a_run_logs_its_image_size_per_epoch_and_updates_the_ema_every_n_steps(s
     for name, initial in train.build_model(config, 10).named_parameters():
         expected = torch.lerp(initial.detach(), raw[name], 1 - config['model_ema_decay'])
         assert torch.allclose(ema[name], expected, atol=1e-6), name
+
+
+def test_a_run_killed_in_a_resized_epoch_resumes_at_its_size_exactly(shapes, tmp_path, resized):
+    proc = spawn_train(shapes, tmp_path, *RESIZED)
+    for line in proc.stdout:
+        if 'epoch 1 step 3/5' in line:  # after the recovery checkpoint of step 1 of epoch 1
+            proc.kill()
+            break
+    proc.stdout.read()
+    assert proc.wait() == -signal.SIGKILL
+    assert run_train(shapes, tmp_path, *RESIZED) == 0
+    assert 'Resuming' in (tmp_path / 'run' / 'log.txt').read_text()
+    assert summary(tmp_path / 'run')[1]['img_size'] == 40
+    for key in ('state_dict', 'state_dict_ema'):
+        assert_same_weights(load(tmp_path / 'run' / 'last.pth.tar')[key], load(resized / 'last.pth.tar')[key])
+    rows, expected = summary(tmp_path / 'run'), summary(resized)
+    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows] == \
+           [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in expected]
 
 
 def ffcv_cyclic_lrs(lr, epochs, lr_peak_epoch, iters) -> list:

@@ -287,7 +287,7 @@ OPTIONS = _grouped(
     Option('start_over', False, flag, 'delete the run in the run folder and start again', role=ACTION),
     Option('allow_config_change', False, flag, 'resume even though the experiment settings changed', role=ACTION),
     Option('dry_run', False, flag, 'print the batch layout, scaled lr and EMA decay, steps, image sizes, expected time '
-           'and cost, then exit without touching the run folder', role=ACTION),
+           'and cost, then exit without touching the run folder (for 1 GPU, or WORLD_SIZE=N GPUs)', role=ACTION),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 

@@ -27,14 +27,16 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from timm.models import create_model
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, parse_config, save_config, saved_config
-from training.data import (STEP, BatchLayout, Datasets, Loaders, build_loaders, create_random_erasing, derive_seed,
-                           locate_dataset, open_datasets, seed_all)
+from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, create_random_erasing,
+                           data_configs, derive_seed, image_sizes, locate_dataset, open_datasets, open_image_folder,
+                           read_manifest, seed_all)
 from training.distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
 from training.engine import (BatchNormSteps, Interrupted, NonFiniteLoss, autocast, clipped_parameters, evaluate)
 
@@ -64,10 +66,10 @@ def build_mixup(config: dict, num_classes: int, micro_batch: int) -> Optional[Mi
                  label_smoothing=config['smoothing'], num_classes=num_classes)
 
 
-def build_loss(bce: bool, smoothing: float, mixing: bool):
+def build_loss(bce: bool, smoothing: float, mixing: bool, target_threshold: Optional[float] = None):
     """Soft-target cross-entropy when Mixup/CutMix makes the targets (smoothing included), else label smoothing."""
     if bce:
-        return BinaryCrossEntropy(smoothing=0.0 if mixing else smoothing)
+        return BinaryCrossEntropy(smoothing=0.0 if mixing else smoothing, target_threshold=target_threshold)
     if mixing:
         return SoftTargetCrossEntropy()
     if smoothing > 0:
@@ -84,12 +86,47 @@ def build_optimizer(config: dict, model: torch.nn.Module) -> torch.optim.Optimiz
         raise UserError(f"optimizer {config['opt']!r}: {e}") from None
 
 
+class FfcvStepScheduler(Scheduler):
+    """FFCV's step schedule (train_imagenet.py's get_step_lr): lr * decay_rate ** (epoch // decay_epochs), 0 from the
+    last epoch on, interpolated linearly over the steps of each epoch as FFCV's train_loop does.
+
+    Ours because timm's StepLRScheduler holds each value up to the boundary: FFCV's lr falls over the epoch before each
+    decay, and over the last epoch to 0. timm's Scheduler base gives it step_update() and state_dict().
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: int, decay_epochs: float, decay_rate: float,
+                 steps_per_epoch: int):
+        self.epochs, self.decay_epochs, self.decay_rate = epochs, decay_epochs, decay_rate
+        self.steps_per_epoch = steps_per_epoch
+        super().__init__(optimizer, param_group_field='lr', t_in_epochs=False)
+
+    def _epoch_lr(self, lr: float, epoch: int) -> float:
+        return 0.0 if epoch >= self.epochs else lr * self.decay_rate ** (epoch // self.decay_epochs)
+
+    def _get_lr(self, t: int) -> list:
+        epoch, step = divmod(t, self.steps_per_epoch)
+        share = step / self.steps_per_epoch
+        ends = [(self._epoch_lr(lr, epoch), self._epoch_lr(lr, epoch + 1)) for lr in self.base_values]
+        return [start + (end - start) * share for start, end in ends]
+
+
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
-    """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone."""
+    """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone.
+
+    'triangular' (FFCV's cyclic schedule) is timm's poly schedule of power 1 after a warmup prefix: linear up to lr at
+    warmup_epochs, linear down to min_lr at epochs. FFCV interpolates per step between its per-epoch values, which is
+    the same line for a whole number of warmup epochs (tests/test_schedule.py compares them step by step).
+    """
+    if config['sched'] == 'ffcv_step':
+        return FfcvStepScheduler(optimizer, config['epochs'], config['decay_epochs'], config['decay_rate'],
+                                 steps_per_epoch)
+    sched, epochs, power, prefix = config['sched'], config['epochs'], config['decay_rate'], False
+    if sched == 'triangular':
+        sched, epochs, power, prefix = 'poly', epochs - config['warmup_epochs'], 1.0, True
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=config['sched'], num_epochs=config['epochs'], warmup_epochs=config['warmup_epochs'],
+        optimizer, sched=sched, num_epochs=epochs, warmup_epochs=config['warmup_epochs'], warmup_prefix=prefix,
         warmup_lr=config['warmup_lr'], min_lr=config['min_lr'], decay_epochs=config['decay_epochs'],
-        decay_milestones=config['decay_milestones'], decay_rate=config['decay_rate'],
+        decay_milestones=config['decay_milestones'], decay_rate=power,
         step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return scheduler
 
@@ -105,6 +142,7 @@ class Trainer:
     mixup: Optional[Mixup]
     random_erasing: Optional[object]
     model_ema: Optional[ModelEmaV3]
+    ema_interval: int  # optimizer steps between EMA updates
     batchnorm: Optional[BatchNormSteps]  # None: a single process without accumulation needs no averaging
     scaler: Optional[NativeScaler]  # float16 only
     amp_dtype: Optional[torch.dtype]
@@ -136,8 +174,10 @@ def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: to
     return Trainer(
         model=model, train_model=train_model, optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, steps_per_epoch),
-        loss_fn=build_loss(config['bce_loss'], config['smoothing'], mixing=mixup is not None), mixup=mixup,
+        loss_fn=build_loss(config['bce_loss'], config['smoothing'], mixing=mixup is not None,
+                           target_threshold=config['bce_target_thresh']), mixup=mixup,
         random_erasing=create_random_erasing(config, device), model_ema=model_ema,
+        ema_interval=config['model_ema_interval'],
         batchnorm=BatchNormSteps(model, procs) if (procs.distributed or layout.accum_steps > 1) else None,
         scaler=NativeScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype=amp_dtype,
         clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
@@ -280,7 +320,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
         optimizer_step(t)
         if t.batchnorm is not None:
             t.batchnorm.end_step(accum)
-        if t.model_ema is not None:
+        if (t.model_ema is not None) and ((progress.global_step + 1) % t.ema_interval == 0):
             t.model_ema.update(t.model)
         progress.step += 1
         progress.global_step += 1
@@ -328,9 +368,9 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
                 data_wait=epoch_wait / seconds)
 
 
-def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, speed: dict, raw: dict,
-                ema: Optional[dict], bad_images: int) -> dict:
-    row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr,
+def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, img_size: int, speed: dict,
+                raw: dict, ema: Optional[dict], bad_images: int) -> dict:
+    row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr, img_size=img_size,
                val_loss=raw['loss'], val_top1=raw['top1'], val_top5=raw['top5'],
                epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'],
                bad_images=bad_images)
@@ -353,6 +393,9 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
     while progress.epoch < config['epochs']:
         epoch = progress.epoch
         speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left
+        img_size = loaders.sizes.at(epoch)
+        if loaders.sizes.start is not None:
+            _logger.info(f'Epoch {epoch}: training images of {img_size} px')
         if progress.step < steps_per_epoch:
             loaders.sampler.set_position(epoch, progress.step)
             speed = train_one_epoch(t, loaders.train, progress, config, procs, layout, steps_per_epoch,
@@ -364,8 +407,8 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
             checkpoints.mid_epoch(progress)
             raise
         progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
-        row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], speed, raw, ema,
-                          bad_images_met(loaders, procs))
+        row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], img_size, speed, raw,
+                          ema, bad_images_met(loaders, procs))
         metric, metric_weights = reporting.ranking_metric(row, config['eval_metric'])
         progress.history.append(row)
         progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
@@ -422,11 +465,28 @@ def resume_or_start(config: dict, procs: Processes, run_dir: Path, t: Trainer, d
     return progress, state
 
 
-def log_start(config: dict, procs: Processes, layout: BatchLayout, run_dir: Path):
+def rescaling_lines(config: dict) -> list:
+    """What a batch_size (or EMA interval) given on the command line did to lr and the EMA decay, in words."""
+    lines = []
     if config['lr_rescaled_from']:
         lr, batch = config['lr_rescaled_from']
-        _logger.info(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
+        lines.append(f"batch_size {batch} -> {config['batch_size']}: lr {lr:g} -> {config['lr']:g} "
                      f"({config['lr_scale']} rule)")
+    if config['ema_decay_rescaled_from']:
+        decay, batch, interval = config['ema_decay_rescaled_from']
+        changes = [f'{name} {old} -> {new}' for name, old, new in (
+            ('batch_size', batch, config['batch_size']), ('model_ema_interval', interval, config['model_ema_interval']))
+            if old != new]
+        images, recipe_images = config['batch_size'] * config['model_ema_interval'], batch * interval
+        lines.append(f"{', '.join(changes)}: model_ema_decay {decay:g} -> {config['model_ema_decay']:.8g} (an EMA "
+                     f'update every {images:,} images instead of {recipe_images:,}: decay ** '
+                     f'{images / recipe_images:g}, the same horizon in images)')
+    return lines
+
+
+def log_start(config: dict, procs: Processes, layout: BatchLayout, run_dir: Path):
+    for line in rescaling_lines(config):
+        _logger.info(line)
     _logger.info(f"Run folder {run_dir}: {procs.world_size} process(es) on {procs.device}, global batch "
                  f"{layout.global_batch} = {procs.world_size} x {layout.accum_steps} x {layout.micro_batch}")
 
@@ -494,10 +554,89 @@ def train(config: dict, procs: Processes) -> int:
             lock.close()
 
 
+# dry run: what a command would train, for how long and at what cost, without training
+
+def count_train_images(config: dict) -> tuple:
+    """(training images or None, where the number comes from or why it is missing), opening no more than needed."""
+    if (config['dataset'] == 'builtin') and not config['data_dir'] and not BUILTIN_ROOT.exists():
+        return None, f'the built-in shapes are generated at {BUILTIN_ROOT} by the first run'
+    root, dataset = locate_dataset(config['data_dir'], config['dataset'])
+    if not dataset and not root.is_dir():
+        return None, f'no dataset at {root} (set --data-dir or IMAGENET_DIR)'
+    try:
+        manifest = read_manifest(root)
+        split = manifest['splits'].get(config['train_split']) if manifest else None
+        if split:
+            return split['images'], f'manifest of tools/prepare_imagenet.py at {root}'
+        return len(open_image_folder(root, config['train_split'], dataset)), f'counted at {root}'
+    except UserError as e:
+        return None, str(e)
+
+
+def epoch_ranges(ranges: list) -> str:
+    """'160 px epochs 0-11, 192 px epochs 12-15' from ImageSizes.ranges()."""
+    return ', '.join(f'{size} px epoch{"s" if last > first else ""} {first}{f"-{last}" if last > first else ""}'
+                     for first, last, size in ranges)
+
+
+def dry_run_lines(config: dict, world_size: int) -> list:
+    """What `--dry-run` prints: the batch layout, lr and EMA after rescaling, steps, image sizes, time and cost."""
+    layout = BatchLayout.create(config['batch_size'], world_size, config['max_batch_per_device'])
+    with torch.device('meta'):  # the model's default input size, without allocating its weights
+        model = build_model(config, config['num_classes'] or 1000)
+    train_cfg, val_cfg = data_configs(config, model)
+    sizes = image_sizes(config, train_cfg['input_size'][-1])
+    images, source = count_train_images(config)
+    ema = (f"decay {config['model_ema_decay']:.8g} per update, every {config['model_ema_interval']} optimizer "
+           'step(s)') if config['model_ema'] else 'off'
+    lines = [
+        f"Dry run of {config['experiment']} on {world_size} GPU(s) (WORLD_SIZE=N for N): nothing is written",
+        f'global batch:   {layout.global_batch} = {world_size} GPU(s) x {layout.accum_steps} accumulated x '
+        f'{layout.micro_batch} per device',
+        f"lr:             {config['lr']:g} ({config['sched']} schedule, {config['epochs']} epochs, warmup "
+        f"{config['warmup_epochs']:g})",
+        f'EMA:            {ema}',
+        *(f"{'rescaled:' if i == 0 else '':16}{line}" for i, line in enumerate(rescaling_lines(config))),
+        f"image size:     {epoch_ranges(sizes.ranges(config['epochs']))}; validation {val_cfg['input_size'][-1]} px "
+        f"(crop_pct {val_cfg['crop_pct']:g})",
+    ]
+    if images is None:
+        return lines + [f'train images:   unknown: {source}', 'steps, time and cost need the number of images']
+    steps = images // layout.global_batch  # the last partial batch of an epoch is left out
+    per_epoch = steps * layout.global_batch
+    trained = config['epochs'] * per_epoch
+    lines += [f'train images:   {images:,} ({source})',
+              f"steps:          {steps:,} per epoch, {config['epochs'] * steps:,} in all ({per_epoch:,} images per "
+              f'epoch, {trained:,} in all)']
+    if config['throughput'] is None:
+        return lines + ['expected time:  throughput not given: pass --throughput (img/s per GPU) from '
+                        'tools/benchmark.py']
+    seconds = trained / (config['throughput'] * world_size)
+    gpu_hours = seconds * world_size / 3600
+    upper_bound = '; the epochs at smaller sizes run faster: an upper bound' if sizes.start is not None else ''
+    lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} GPU(s) at {config['throughput']:,g} "
+                 f'img/s per GPU (given by --throughput{upper_bound})')
+    if config['price_per_hour'] is None:
+        return lines + [f'cost:           {gpu_hours:,.1f} GPU-hours (pass --price-per-hour for the price)']
+    return lines + [f"cost:           {gpu_hours:,.1f} GPU-hours x {config['price_per_hour']:g} = "
+                    f"{gpu_hours * config['price_per_hour']:,.2f}"]
+
+
+def dry_run(config: dict) -> int:
+    try:
+        world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    except ValueError:
+        raise UserError(f"WORLD_SIZE must be a number of processes, got {os.environ['WORLD_SIZE']!r}") from None
+    print('\n'.join(dry_run_lines(config, world_size)))
+    return 0
+
+
 def main(argv=None) -> int:
     procs = None
     try:
         config = parse_config(argv)
+        if config['dry_run']:
+            return dry_run(config)
         if config['deterministic']:  # cuBLAS reads it when CUDA starts
             os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
         procs = distributed.setup(config['device'], config['dist_timeout'], config['sync_bn'])

@@ -120,7 +120,8 @@ def test_help_lists_every_option_once_in_its_group(capsys, monkeypatch):
             flags.append(line.split()[0].rstrip(','))  # the first flag of an option's entry
     assert list(sections) == ['options', 'data', 'model', 'input size and preprocessing',
                               'augmentation and regularisation', 'optimisation and schedule', 'EMA',
-                              'evaluation and checkpoints', 'execution and distributed', 'logging', 'actions']
+                              'evaluation and checkpoints', 'execution and distributed', 'cost estimate (--dry-run)',
+                              'logging', 'actions']
     listed = [flag for group in sections.values() for flag in group]
     assert sorted(listed) == sorted(['-h', '-c', *(o.flag for o in OPTIONS)])
     assert all(o.flag in sections[o.group] for o in OPTIONS)

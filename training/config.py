@@ -162,6 +162,12 @@ OPTIONS = _grouped(
     'input size and preprocessing',  # defaults from the model's pretrained cfg
     Option('img_size', None, positive(integer), 'training image size (default: the model default, 224)',
            optional=True),
+    Option('img_size_start', None, positive(integer), 'progressive resizing (FFCV): training image size up to epoch '
+           'resize_epochs[0], ramping linearly to img_size at resize_epochs[1] in multiples of 32. With torchcompile '
+           'the model compiles twice: for the first size, then at the second with the size dynamic (torch\'s '
+           'automatic dynamic shapes), which serves the later sizes', optional=True),
+    Option('resize_epochs', None, listof(non_negative(number), (2,)), 'progressive resizing: [start, end] epochs of '
+           'the ramp from img_size_start to img_size', optional=True),
     Option('val_img_size', None, positive(integer), 'validation image size (default: img_size)', optional=True),
     Option('crop_pct', None, positive(number), 'validation center crop fraction (default: the model default, 0.875)',
            optional=True),
@@ -206,6 +212,8 @@ OPTIONS = _grouped(
     Option('mixup_mode', 'batch', text, 'mixing unit', choices=('batch', 'pair', 'elem')),
     Option('smoothing', 0.1, fraction, 'label smoothing'),
     Option('bce_loss', False, flag, 'binary cross-entropy loss instead of softmax cross-entropy'),
+    Option('bce_target_thresh', None, fraction, "BCE loss: targets above this become 1, the others 0 (timm's "
+           'target_threshold, after Mixup/CutMix and smoothing)', optional=True),
     'optimisation and schedule',
     Option('batch_size', 128, positive(integer), 'GLOBAL batch size: images per optimizer step over all processes',
            flags=('-b',)),
@@ -221,9 +229,12 @@ OPTIONS = _grouped(
     Option('clip_mode', 'norm', text, 'gradient clipping mode', choices=('norm', 'value', 'agc')),
     # schedule: a pure function of the optimizer step
     Option('epochs', 100, positive(integer), 'epochs to train'),
-    Option('sched', 'cosine', text, 'learning rate schedule, updated every step',
-           choices=('cosine', 'step', 'multistep', 'poly', 'constant')),
-    Option('warmup_epochs', 0, non_negative(number), 'linear warmup length in epochs'),
+    Option('sched', 'cosine', text, "learning rate schedule, updated every step; 'triangular' is FFCV's cyclic one: "
+           "linear from warmup_lr to lr at warmup_epochs, then linear to min_lr at the end; 'ffcv_step' is FFCV's "
+           'step one: decay_rate every decay_epochs, each decay (and the fall to 0 at the end) spread over the epoch '
+           'before it, no warmup',
+           choices=('cosine', 'step', 'multistep', 'poly', 'constant', 'triangular', 'ffcv_step')),
+    Option('warmup_epochs', 0, non_negative(number), 'linear warmup length in epochs (triangular: the peak epoch)'),
     Option('warmup_lr', 1.0e-5, non_negative(number), 'learning rate at the start of warmup'),
     Option('min_lr', 0.0, non_negative(number), 'learning rate at the end of the schedule'),
     Option('decay_epochs', 30.0, positive(number), 'step schedule: epochs between decays'),
@@ -232,7 +243,9 @@ OPTIONS = _grouped(
     Option('seed', 42, non_negative(integer), 'seed of the sample order, augmentation, Mixup, drop path and init'),
     'EMA',
     Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV3)'),
-    Option('model_ema_decay', 0.9998, decay, 'EMA decay per optimizer step'),
+    Option('model_ema_decay', 0.9998, decay, 'EMA decay per EMA update, at batch_size and model_ema_interval '
+           '(a batch_size or interval given on the command line rescales it: the same horizon in images)'),
+    Option('model_ema_interval', 1, positive(integer), 'update the EMA every N optimizer steps'),
     'evaluation and checkpoints',
     Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
            choices=('top1', 'top5', 'loss')),
@@ -262,6 +275,10 @@ OPTIONS = _grouped(
            'GPU some kernels, such as average pooling backward, stay non-deterministic)', role=RUN),
     Option('sync_bn', False, flag, 'synchronise BatchNorm statistics across processes'),
     Option('dist_timeout', 30.0, positive(number), 'minutes before a stalled collective aborts the job', role=RUN),
+    'cost estimate (--dry-run)',
+    Option('throughput', None, positive(number), 'training images per second per GPU (measure it with '
+           'tools/benchmark.py)', optional=True, role=RUN),
+    Option('price_per_hour', None, non_negative(number), 'price of one GPU-hour', optional=True, role=RUN),
     'logging',
     Option('log_interval', 50, positive(integer), 'optimizer steps between log lines', role=RUN),
     Option('log_wandb', False, flag, 'log to Weights & Biases', role=RUN),
@@ -275,6 +292,8 @@ OPTIONS = _grouped(
            optional=True, role=ACTION),
     Option('start_over', False, flag, 'delete the run in the run folder and start again', role=ACTION),
     Option('allow_config_change', False, flag, 'resume even though the experiment settings changed', role=ACTION),
+    Option('dry_run', False, flag, 'print the batch layout, scaled lr and EMA decay, steps, image sizes, expected time '
+           'and cost, then exit without touching the run folder (for 1 GPU, or WORLD_SIZE=N GPUs)', role=ACTION),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -384,7 +403,9 @@ def parse_config(argv: Optional[list] = None) -> dict:
 
     Returns:
         A plain dict with one typed value per option, plus 'lr_rescaled_from' ((lr, batch) of the recipe when a
-        batch_size given on the command line rescaled lr, else None).
+        batch_size given on the command line rescaled lr, else None) and 'ema_decay_rescaled_from' ((decay, batch,
+        interval) of the recipe when a batch_size or model_ema_interval given on the command line rescaled
+        model_ema_decay, else None).
     """
     cli = vars(_build_parser().parse_strict(argv))
     recipe_path = cli.pop('config', None)
@@ -400,6 +421,7 @@ def parse_config(argv: Optional[list] = None) -> dict:
         if not config['recipe']:
             config['recipe'] = Path(recipe_path).stem
     recipe_batch, recipe_lr = config['batch_size'], config['lr']
+    recipe_ema = (config['model_ema_decay'], recipe_batch, config['model_ema_interval'])
     for key, value in cli.items():
         config[key] = _check_value(BY_NAME[key], value, 'command line')
 
@@ -409,12 +431,25 @@ def parse_config(argv: Optional[list] = None) -> dict:
     if 'batch_size' in cli and 'lr' not in cli and config['batch_size'] != recipe_batch:
         config['lr'] = scaled_lr(recipe_lr, recipe_batch, config['batch_size'], config['lr_scale'])
         config['lr_rescaled_from'] = (recipe_lr, recipe_batch)
+    config['ema_decay_rescaled_from'] = None
+    decay, batch, interval = recipe_ema
+    images_per_update = config['batch_size'] * config['model_ema_interval']
+    if (config['model_ema'] and ({'batch_size', 'model_ema_interval'} & cli.keys()) and ('model_ema_decay' not in cli)
+            and (images_per_update != batch * interval)):
+        config['model_ema_decay'] = scaled_ema_decay(decay, batch * interval, images_per_update)
+        config['ema_decay_rescaled_from'] = recipe_ema
     return config
 
 
 def scaled_lr(lr: float, from_batch: int, to_batch: int, rule: str) -> float:
     ratio = to_batch / from_batch
     return lr * {'linear': ratio, 'sqrt': math.sqrt(ratio), 'none': 1.0}[rule]
+
+
+def scaled_ema_decay(decay: float, from_images: int, to_images: int) -> float:
+    """The decay per update that keeps the EMA's horizon in images when each update follows to_images images instead
+    of from_images: after n images the old weights keep decay ** (n / from_images) either way."""
+    return decay ** (to_images / from_images)
 
 
 def validate(config: dict):
@@ -426,6 +461,17 @@ def validate(config: dict):
     require(config['scale'][0] <= config['scale'][1], 'scale must be [min, max]')
     require(config['ratio'][0] <= config['ratio'][1], 'ratio must be [min, max]')
     require(not (config['start_over'] and config['resume']), 'start_over and resume exclude each other')
+    require((config['img_size_start'] is None) == (config['resize_epochs'] is None),
+            'img_size_start and resize_epochs go together: set both for progressive resizing, or neither')
+    if config['resize_epochs'] is not None:
+        first, last = config['resize_epochs']
+        require(first <= last, f'resize_epochs must be [start, end] with start <= end, got [{first:g}, {last:g}]')
+        require(last <= config['epochs'], f"resize_epochs ends at epoch {last:g}, after the last epoch "
+                                          f"(epochs {config['epochs']})")
+    require((config['sched'] != 'ffcv_step') or ((config['warmup_epochs'] == 0) and (config['min_lr'] == 0)),
+            'sched ffcv_step has no warmup and ends at 0, as FFCV\'s: set warmup_epochs 0 and min_lr 0')
+    require(config['bce_target_thresh'] is None or config['bce_loss'],
+            'bce_target_thresh applies to the BCE loss: set bce_loss true, or drop bce_target_thresh')
     require(not (config['decode'] == 'gpu' and config['auto_augment']),
             'decode: gpu cannot apply auto_augment (RandAugment, TrivialAugment and AutoAugment exist only as PIL '
             'operations): use decode: cpu, or drop auto_augment')

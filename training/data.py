@@ -13,8 +13,9 @@ import os
 import random
 import signal
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -100,6 +101,68 @@ class TrainBatchSampler(torch.utils.data.Sampler):
                 yield [(order[p], sample_seed + p) for p in positions]
 
 
+@dataclass(frozen=True)
+class ImageSizes:
+    """The training image size of each epoch: `final`, or FFCV's progressive resizing (train_imagenet.py's
+    get_resolution): `start` up to epoch ramp[0], `final` from epoch ramp[1] on, in between the linear ramp rounded to
+    a multiple of 32. A function of the epoch alone, so a resumed run trains each epoch at the size it had."""
+    final: int
+    start: Optional[int] = None
+    ramp: Optional[tuple] = None  # (first, last) epoch of the ramp
+
+    def at(self, epoch: int) -> int:
+        if self.start is None:
+            return self.final
+        first, last = self.ramp
+        if epoch <= first:
+            return self.start
+        if epoch >= last:
+            return self.final
+        return int(np.round(np.interp(epoch, self.ramp, (self.start, self.final)) / 32)) * 32
+
+    def ranges(self, epochs: int) -> list:
+        """(first epoch, last epoch, size) of each run of epochs at one size."""
+        runs = []
+        for epoch in range(epochs):
+            size = self.at(epoch)
+            if runs and runs[-1][2] == size:
+                runs[-1] = (runs[-1][0], epoch, size)
+            else:
+                runs.append((epoch, epoch, size))
+        return runs
+
+
+def image_sizes(config: dict, final: int) -> ImageSizes:
+    """The run's ImageSizes; `final` is the resolved training size (img_size, or the model's default)."""
+    start = config['img_size_start']
+    if start is None:
+        return ImageSizes(final)
+    if start > final:
+        raise UserError(f'img_size_start {start} is larger than the final training size {final}: progressive '
+                        'resizing grows the images')
+    return ImageSizes(final, start, tuple(config['resize_epochs']))
+
+
+class SizedBatches(torch.utils.data.Sampler):
+    """A TrainBatchSampler's micro-batches with the image size of their epoch appended to each item, for the workers.
+
+    Workers persist across epochs and hold their own copy of the dataset: the size travels with the items, and each
+    worker builds the transform of a size once (SeededSamples), so nothing restarts when the size changes.
+    """
+
+    def __init__(self, sampler: TrainBatchSampler, sizes: ImageSizes):
+        self.sampler = sampler
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        size = self.sizes.at(self.sampler.epoch)
+        for batch in self.sampler:
+            yield [(*item, size) for item in batch]
+
+
 class EvalBatchSampler(torch.utils.data.Sampler):
     """Batches of this process's contiguous shard of the dataset: every image counted once, none padded."""
 
@@ -122,20 +185,35 @@ class EvalBatchSampler(torch.utils.data.Sampler):
 class SeededSamples(torch.utils.data.Dataset):
     """(index, seed) items, each loaded with its augmentation seeded from its own seed, so that it does not depend on
     which worker loads it or on what that worker loaded before. A LazyImageFolder seeds again before each try of a
-    bad file's replacement, so a replaced sample is the same on every run."""
+    bad file's replacement, so a replaced sample is the same on every run.
 
-    def __init__(self, dataset):
+    With `transform_at` (a size -> transform builder), items are (index, seed, size) and each is loaded with the
+    transform of its size, built once per size and process.
+    """
+
+    def __init__(self, dataset, transform_at: Optional[Callable[[int], Callable]] = None):
         self.dataset = dataset
+        self.transform_at = transform_at
+        self.transforms = {}
+        self.size = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
+        index, seed, *size = item
+        if size and (size[0] != self.size):
+            self._use_size(size[0])
         if isinstance(self.dataset, LazyImageFolder):
             return self.dataset.load(index, seed)
         seed_sample(seed)
         return self.dataset[index]
+
+    def _use_size(self, size: int):
+        if size not in self.transforms:
+            self.transforms[size] = self.transform_at(size)
+        self.dataset.transform = self.transforms[size]
+        self.size = size
 
 
 def _worker_init(worker_id: int):
@@ -293,6 +371,7 @@ class Loaders:
     train: object  # yields (images, targets) on the device, one micro-batch at a time
     sampler: 'TrainBatchSampler'
     val: object
+    sizes: ImageSizes  # the training image size of each epoch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -302,11 +381,12 @@ class Loaders:
 def build_loaders(config: dict, datasets: Datasets, model, layout: BatchLayout, procs) -> Loaders:
     """Training and validation loaders over this process's share of the data."""
     train_cfg, val_cfg = data_configs(config, model)
-    train, sampler = create_train_loader(datasets.train, config, train_cfg, layout, procs.rank, procs.device)
+    sizes = image_sizes(config, train_cfg['input_size'][-1])
+    train, sampler = create_train_loader(datasets.train, config, train_cfg, layout, procs.rank, procs.device, sizes)
     val_batch = config['validation_batch_size'] or layout.micro_batch
     val = create_eval_loader(datasets.val, val_cfg, val_batch, config['workers'], procs.device, procs.rank,
                              procs.world_size, config['max_bad_images'], config['decode'], config['gpu_decoder'])
-    return Loaders(train, sampler, val)
+    return Loaders(train, sampler, val, sizes)
 
 
 def data_config(config: dict, model, img_size: Optional[int], crop_pct: Optional[float] = None,
@@ -335,23 +415,38 @@ def image_samples(dataset) -> list:
     return samples
 
 
-def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, rank: int, device):
-    """This process's training loader (a CheckedLoader: close() it when done) and its batch sampler."""
+def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayout, rank: int, device,
+                        sizes: Optional[ImageSizes] = None):
+    """This process's training loader (a CheckedLoader: close() it when done) and its batch sampler.
+
+    With progressive resizing (`sizes` that change), each epoch trains at its size; the workers persist.
+    """
     sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'])
     if sampler.steps_per_epoch == 0:
         raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
+    progressive = (sizes is not None) and (sizes.start is not None)
     if config['decode'] == 'gpu':
         from .gpu_decode import create_gpu_train_loader  # imported here: gpu_decode imports this module
-        return create_gpu_train_loader(image_samples(dataset), config, data_cfg, sampler, device), sampler
+        return create_gpu_train_loader(image_samples(dataset), config, data_cfg, sampler, device,
+                                       sizes if progressive else None), sampler
     try:
         dataset.transform = _train_transform(config, data_cfg)
     except (AssertionError, ValueError, KeyError) as e:  # timm's checks of the augmentation settings
         raise UserError(f"augmentation settings refused by timm (auto_augment {config['auto_augment']!r}, "
                         f"color_jitter {config['color_jitter']!r}): {e}") from None
     max_bad = config['max_bad_images'] * sampler.steps_per_epoch * layout.per_process
-    loader = _checked_loader(SeededSamples(dataset), sampler, data_cfg, config['workers'], device,
+    samples, batches = SeededSamples(dataset), sampler
+    if progressive:
+        samples = SeededSamples(dataset, partial(_sized_train_transform, config, data_cfg))
+        batches = SizedBatches(sampler, sizes)
+    loader = _checked_loader(samples, batches, data_cfg, config['workers'], device,
                              getattr(dataset, 'bad_images', None), max_bad)
     return loader, sampler
+
+
+def _sized_train_transform(config: dict, data_cfg: dict, size: int):
+    channels = data_cfg['input_size'][0]
+    return _train_transform(config, dict(data_cfg, input_size=(channels, size, size)))
 
 
 def _train_transform(config: dict, data_cfg: dict):

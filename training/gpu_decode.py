@@ -45,7 +45,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import UserError
-from .data import _worker_init
+from .data import SizedBatches, _worker_init
 from .images import BadImage, BadImages, CheckedLoader, decode_crop, decode_rgb, first_readable, open_image
 
 _logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ def decoded_on_cpu(seed: int, share: float) -> bool:
     return ((seed * 2654435761) % 2 ** 32) < share * 2 ** 32
 
 
-def crop_on_cpu(path: str, augment: TrainAugment, seed: int) -> tuple:
+def crop_on_cpu(path: str, augment: TrainAugment, seed: int, size: tuple) -> tuple:
     """(pixels, params) of a sample that its worker decodes, crops and resizes (at reduced size where the crop allows,
     as the CPU path's jpeg_draft): CHW uint8 pixels at the output size, and the sample's params with the crop replaced
     by the whole output, so that the device only flips, jitters and normalises it."""
@@ -183,15 +183,15 @@ def crop_on_cpu(path: str, augment: TrainAugment, seed: int) -> tuple:
         params = augment.draw(seed, height, width)
         top, left, h, w = params[CROP]
         resample = (Image.NEAREST, Image.BILINEAR, Image.BICUBIC)[params[INTERP]]
-        crop = decode_crop(image, (left, top, left + w, top + h), augment.size[::-1], resample)
+        crop = decode_crop(image, (left, top, left + w, top + h), size[::-1], resample)
     finally:
         image.close()
-    params[SIZE], params[CROP] = augment.size, (0, 0, *augment.size)
+    params[SIZE], params[CROP] = size, (0, 0, *size)
     return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1), params
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """Items for the device: a training item is (index, sample seed), an evaluation item an index.
+    """Items for the device: a training item is (index, sample seed[, image size]), an evaluation item an index.
 
     A bad file is replaced as images.first_readable() replaces it on the CPU path: by the next readable file in the
     dataset's order, with that file's label and the sample's seed; `bad_images` records it for CheckedLoader.
@@ -208,12 +208,13 @@ class EncodedImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, item) -> Encoded:
-        index, seed = item if self.augment is not None else (item, None)
+        index, seed, *size = item if self.augment is not None else (item, None)
+        size = (size[0],) * 2 if size else getattr(self.augment, 'size', None)
 
         def encode(candidate: int) -> Encoded:
             path, label = self.samples[candidate]
             if (seed is not None) and decoded_on_cpu(seed, self.cpu_share):
-                return Encoded(item, candidate, *crop_on_cpu(str(path), self.augment, seed), int(label))
+                return Encoded(item, candidate, *crop_on_cpu(str(path), self.augment, seed, size), int(label))
             payload, height, width = read_image(str(path))
             params = self.augment.draw(seed, height, width) if self.augment is not None else [height, width]
             return Encoded(item, candidate, payload, params, int(label))
@@ -691,13 +692,16 @@ def _checked_loader(dataset: EncodedImages, batch_sampler, workers: int, prepare
     return CheckedLoader(loader, DeviceBatches(loader, dataset, prepare, device, decoder), dataset.bad_images, max_bad)
 
 
-def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_sampler,
-                            device: torch.device) -> CheckedLoader:
+def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_sampler, device: torch.device,
+                            sizes=None) -> CheckedLoader:
     """Training batches decoded and augmented on `device`: timm's training transform, without auto_augment.
 
     Args:
         samples: (path, label) pairs in the dataset's order (timm's folder reader's `.samples`).
         batch_sampler: a data.TrainBatchSampler (micro-batches of (index, sample seed)).
+        sizes: a data.ImageSizes for progressive resizing (None: data_cfg's size). The workers draw crops in source
+            pixels, whatever the output size: the device's resampling reads the size of the sampler's epoch, and the
+            workers' own crops (cpu_decode_share) the size that comes with each item.
 
     Returns:
         A CheckedLoader (close() it when done) of (x, y) on `device`.
@@ -707,12 +711,15 @@ def create_gpu_train_loader(samples: list, config: dict, data_cfg: dict, batch_s
     mean, std = (torch.tensor(data_cfg[k], device=device).view(1, -1, 1, 1) for k in ('mean', 'std'))
 
     def prepare(images: list, params: torch.Tensor) -> torch.Tensor:
-        rows, cols = crop_axes(params, augment.size)
-        x = resample(images, rows, cols, params[:, FLIPS].bool(), params[:, INTERP].long(), augment.size)
+        # the sampler's epoch changes only between passes, once the batches of the pass are made
+        size = augment.size if sizes is None else (sizes.at(batch_sampler.epoch),) * 2
+        rows, cols = crop_axes(params, size)
+        x = resample(images, rows, cols, params[:, FLIPS].bool(), params[:, INTERP].long(), size)
         return normalize(color_jitter(x.div_(255), params, enabled), mean, std)
 
     max_bad = config['max_bad_images'] * batch_sampler.steps_per_epoch * batch_sampler.layout.per_process
-    return _checked_loader(EncodedImages(samples, augment, config['cpu_decode_share']), batch_sampler,
+    batches = batch_sampler if sizes is None else SizedBatches(batch_sampler, sizes)
+    return _checked_loader(EncodedImages(samples, augment, config['cpu_decode_share']), batches,
                            config['workers'], prepare, device, max_bad, config['gpu_decoder'])
 
 

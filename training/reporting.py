@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 _logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
-    'epoch', 'train_loss', 'lr',
+    'epoch', 'train_loss', 'lr', 'img_size',
     'val_loss', 'val_top1', 'val_top5',
     'ema_val_loss', 'ema_val_top1', 'ema_val_top5',
     'epoch_seconds', 'img_per_sec', 'data_wait', 'bad_images',

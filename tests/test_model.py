@@ -7,7 +7,9 @@ from timm.data import resolve_data_config
 from timm.layers import BlurPool2d
 
 import model_defs  # noqa: F401
+import train
 from model_defs import CustomBottleneck
+from training.config import UserError, parse_config
 
 
 def test_registered_in_timm():
@@ -148,3 +150,8 @@ def test_blur_pool_keeps_the_strides_and_blurs_with_a_zero_padded_binomial_filte
     kernel = torch.tensor([1.0, 2.0, 1.0])
     kernel = (kernel[:, None] * kernel[None, :] / 16).expand(512, 1, 3, 3)
     assert torch.allclose(block.blur_shortcut(x), F.conv2d(x, kernel, padding=1, groups=512), atol=1e-6)
+
+
+def test_blur_pool_on_a_model_without_it_is_a_clear_error():
+    with pytest.raises(UserError, match="model resnet18 does not take these options: .*'blur_pool'"):
+        train.build_model(parse_config(['--model', 'resnet18', '--blur-pool']), 10)

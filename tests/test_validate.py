@@ -77,9 +77,10 @@ def test_evaluate_with_eval_flip_averages_the_logits_of_the_image_and_its_flip()
 
 @pytest.fixture(scope='module')
 def trained_methods(shapes, tmp_path_factory):
-    """One epoch with BlurPool and flip evaluation."""
+    """One epoch of two steps, without EMA, with BlurPool and flip evaluation."""
     output = tmp_path_factory.mktemp('methods')
-    assert run_train(shapes, output, '--epochs', '1', '--blur-pool', '--eval-flip', experiment='methods') == 0
+    assert run_train(shapes, output, '--epochs', '1', '-b', '40', '--no-zero-init-last',
+                     '--no-model-ema', '--blur-pool', '--eval-flip', experiment='methods') == 0
     return output / 'methods'
 
 
@@ -95,20 +96,21 @@ def test_a_blur_pool_checkpoint_validates_with_blur_pool_and_eval_flip_from_its_
     results = validate_results('--checkpoint', checkpoint, tmp_path=tmp_path)
     assert results['blur_pool'] and results['eval_flip']
     assert results['top1'] == pytest.approx(logged['val_top1'], abs=0.01)
-    assert results['loss'] == pytest.approx(logged['val_loss'], rel=1e-4)
+    assert results['loss'] == pytest.approx(logged['val_loss'], rel=1e-6)  # the batching differs, ~1e-7
     # the state dict loads into the plain model too, silently: only the config tells them apart
     plain = validate_results('--checkpoint', checkpoint, '--no-blur-pool', tmp_path=tmp_path)
-    assert not plain['blur_pool'] and plain['loss'] != pytest.approx(logged['val_loss'], rel=1e-4)
     one_view = validate_results('--checkpoint', checkpoint, '--no-eval-flip', tmp_path=tmp_path)
-    assert not one_view['eval_flip'] and one_view['loss'] != pytest.approx(logged['val_loss'], rel=1e-4)
+    assert not plain['blur_pool'] and not one_view['eval_flip']
+    for other in (plain, one_view):  # ~1e-4 and more apart on this barely trained model
+        assert abs(other['loss'] - results['loss']) > 1e-5 * results['loss']
 
 
-def test_eval_flip_on_the_command_line_overrides_a_checkpoint_without_it(trained, tmp_path):
+def test_eval_flip_on_the_command_line_turns_it_on_for_a_checkpoint_without_it(trained, tmp_path):
     checkpoint = str(trained / 'last.pth.tar')
-    assert not validate_results('--checkpoint', checkpoint, tmp_path=tmp_path)['eval_flip']
     flipped = validate_results('--checkpoint', checkpoint, '--eval-flip', tmp_path=tmp_path)
     assert flipped['eval_flip'] and flipped['images'] == 50
-    assert flipped['loss'] != pytest.approx(summary(trained)[-1]['val_loss'], rel=1e-4)
+    logged = summary(trained)[-1]['val_loss']
+    assert abs(flipped['loss'] - logged) > 1e-5 * logged
 
 
 def flat_folder(tmp_path, shapes):

@@ -77,8 +77,9 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     With repeats R > 1 (repeated augmentation, timm's RepeatAugSampler semantics): the epoch keeps its length and
     trains the first indices of its permutation R times each, so it draws about 1/R of the dataset. The copies of a
     sample lie next to each other in timm's order; here each step's batch is reordered so that they lie B / R apart,
-    which on R or more processes (or micro-batches) puts them in different ones, on any number of processes, as
-    timm's strided split does. Every copy has its own position, hence its own sample seed and augmentation.
+    which on R or more processes (or micro-batches) puts them in different ones when R divides B, as timm's strided
+    split does, while the step stays the same on any number of processes. Every copy has its own position, hence its
+    own sample seed and augmentation.
     """
 
     def __init__(self, num_samples: int, layout: BatchLayout, rank: int, seed: int, repeats: int = 1):
@@ -359,6 +360,10 @@ def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayo
     sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'], config['aug_repeats'])
     if sampler.steps_per_epoch == 0:
         raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
+    if sampler.repeats > 1:
+        positions = sampler.steps_per_epoch * layout.global_batch
+        _logger.info(f'Repeated augmentation: each epoch trains {math.ceil(positions / sampler.repeats)} of the '
+                     f'{len(dataset)} images {sampler.repeats} times each ({positions} samples)')
     if config['decode'] == 'gpu':
         from .gpu_decode import create_gpu_train_loader  # imported here: gpu_decode imports this module
         return create_gpu_train_loader(image_samples(dataset), config, data_cfg, sampler, device), sampler

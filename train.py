@@ -33,7 +33,7 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
-from training.config import UserError, parse_config, save_config, saved_config
+from training.config import UserError, architecture_options, parse_config, save_config, saved_config
 from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, create_random_erasing,
                            data_configs, derive_seed, image_sizes, locate_dataset, open_datasets, open_image_folder,
                            read_manifest, seed_all)
@@ -51,9 +51,12 @@ def build_model(config: dict, num_classes: int) -> torch.nn.Module:
     seed_all(config['seed'])
     try:
         return create_model(config['model'], num_classes=num_classes, drop_rate=config['drop_rate'],
-                            drop_path_rate=config['drop_path_rate'], zero_init_last=config['zero_init_last'])
+                            drop_path_rate=config['drop_path_rate'], zero_init_last=config['zero_init_last'],
+                            **architecture_options(config))
     except RuntimeError as e:
         raise UserError(str(e).splitlines()[0]) from None
+    except TypeError as e:  # a model without one of the options, such as blur_pool
+        raise UserError(f"model {config['model']} does not take these options: {e}") from None
 
 
 def build_mixup(config: dict, num_classes: int, micro_batch: int) -> Optional[Mixup]:
@@ -389,7 +392,8 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest) -> int:
     """Epoch after epoch: train, evaluate raw and EMA weights, report, save; returns the exit code."""
     steps_per_epoch = loaders.steps_per_epoch
-    numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], stop=stop)
+    numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], eval_flip=config['eval_flip'],
+                    stop=stop)
     while progress.epoch < config['epochs']:
         epoch = progress.epoch
         speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left

@@ -17,7 +17,7 @@ from timm.models import create_model, get_pretrained_cfg
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint
-from training.config import OneLineParser, UserError
+from training.config import OneLineParser, UserError, architecture_options
 from training.data import classes_of, create_eval_loader, data_config, locate_dataset, open_image_folder
 from training.distributed import Processes, pick_device
 from training.engine import evaluate
@@ -49,7 +49,11 @@ def parse_args(argv=None):
                         help="mixed precision (default: as in training)")
     parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), help="(default: as in training)")
     parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, help="(default: as in training)")
-    parser.add_argument('--tta', choices=('flip',), help='test-time augmentation: average with the flipped image')
+    parser.add_argument('--eval-flip', action=argparse.BooleanOptionalAction,
+                        help="average each image's logits with its horizontal flip's (default: as in training)")
+    parser.add_argument('--blur-pool', action=argparse.BooleanOptionalAction,
+                        help="the model's BlurPool option (default: the checkpoint's; a state dict does not tell, and "
+                             'loads either way)')
     parser.add_argument('--decode', choices=('cpu', 'gpu'), help="where JPEGs are decoded (default: as in training)")
     parser.add_argument('--allow-other-classes', action='store_true',
                         help="evaluate even when the dataset's class folders are not the ones the checkpoint was "
@@ -74,10 +78,14 @@ def load_model(args, state: dict):
                    (classifier.shape[0] if classifier is not None else None))
     if num_classes is None:
         raise UserError(f'cannot tell the class count of {args.checkpoint}: pass --num-classes')
+    if args.blur_pool is not None:
+        config = dict(config, blur_pool=args.blur_pool)
     try:
-        model = create_model(name, num_classes=num_classes)
+        model = create_model(name, num_classes=num_classes, **architecture_options(config))
     except RuntimeError as e:
         raise UserError(str(e).splitlines()[0]) from None
+    except TypeError as e:  # a model without one of the options, such as blur_pool
+        raise UserError(f'model {name} does not take these options: {e}') from None
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -137,14 +145,16 @@ def validate(args) -> int:
     channels_last = config.get('channels_last', False) if args.channels_last is None else args.channels_last
     amp = config.get('amp', False) if args.amp is None else args.amp
     amp_dtype = getattr(torch, args.amp_dtype or config.get('amp_dtype', 'bfloat16')) if amp else None
+    eval_flip = config.get('eval_flip', False) if args.eval_flip is None else args.eval_flip
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     with create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device, decode=decode) as loader:
-        results = evaluate(model, loader, procs, amp_dtype, channels_last, tta_flip=args.tta == 'flip')
+        results = evaluate(model, loader, procs, amp_dtype, channels_last, eval_flip=eval_flip)
     results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
                    weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
-                   tta=args.tta, data=str(root), split=args.split, decode=decode)
+                   eval_flip=eval_flip, blur_pool=bool(config.get('blur_pool')), data=str(root), split=args.split,
+                   decode=decode)
     print(f"{results['model']} ({weights_kind} weights) on {results['images']} images of {root} {args.split}: "
           f"top-1 {results['top1']:.3f}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
           f"{results['img_per_sec']:.0f} img/s")

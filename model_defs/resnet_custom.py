@@ -3,8 +3,9 @@
 ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385) in the "v1.5" form that torchvision and NVIDIA train:
 the stride-2 of each downsampling bottleneck sits on the 3x3 conv, not the first 1x1. Additions used by modern
 recipes: stochastic depth (Huang et al. 2016, https://arxiv.org/abs/1603.09382) rising linearly over the blocks,
-dropout before the classifier, and a zero-initialised last BN gamma in each block (Goyal et al. 2017,
-https://arxiv.org/abs/1706.02677).
+dropout before the classifier, a zero-initialised last BN gamma in each block (Goyal et al. 2017,
+https://arxiv.org/abs/1706.02677), and optional BlurPool anti-aliasing (Zhang 2019, https://arxiv.org/abs/1904.11486)
+as FFCV's ResNet-50 recipes use it.
 
 Parameter names match torchvision's `resnet50`, so its state dicts load unchanged.
 """
@@ -15,19 +16,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d, create_aa
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 __all__ = ['CustomResNet', 'CustomBottleneck']
 
 
 class CustomBottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carries the stride), 1x1 expand; a projection shortcut where the shape changes."""
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand; a projection shortcut where the shape changes.
+
+    With blur_pool, a strided block first blurs the inputs of its two strided convs (the 3x3 and the shortcut's 1x1)
+    with a 3x3 binomial filter. This is FFCV's placement (its rn50 wraps every strided conv of 16+ input channels, so
+    not the stem), chosen because the recipes that use BlurPool are FFCV's and because it is cheap: the convs keep
+    their stride. timm's anti-aliased resnets run the 3x3 at stride 1 and blur-subsample after it (Zhang's
+    ConvBlurPool): 4x the pixels for those convs, about +25% FLOPs for ResNet-50, and an unblurred shortcut. The blur
+    (timm's 'blurpc': BlurPool2d, here at stride 1, zero-padded as FFCV pads) holds no parameters and no saved
+    buffers, so the state dict is the plain model's.
+    """
     expansion = 4
 
-    def __init__(self, in_chs: int, width: int, stride: int = 1, drop_path_rate: float = 0.):
+    def __init__(self, in_chs: int, width: int, stride: int = 1, drop_path_rate: float = 0., blur_pool: bool = False):
         super().__init__()
         out_chs = width * self.expansion
+        blur = blur_pool and stride != 1
+        self.blur2 = create_aa('blurpc', channels=width, stride=1, enable=blur)
+        self.blur_shortcut = create_aa('blurpc', channels=in_chs, stride=1, enable=blur)
         self.conv1 = nn.Conv2d(in_chs, width, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
@@ -47,9 +60,9 @@ class CustomBottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
+        shortcut = x if self.downsample is None else self.downsample(self.blur_shortcut(x))
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.relu(self.bn2(self.conv2(self.blur2(x))))
         x = self.bn3(self.conv3(x))
         return self.relu(self.drop_path(x) + shortcut)
 
@@ -66,6 +79,7 @@ class CustomResNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
+            blur_pool: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -79,8 +93,8 @@ class CustomResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
 
-        # stages: widths 64-512, stride 2 from the second stage on; drop path rises linearly from 0 on the
-        # first block to drop_path_rate on the last
+        # stages: widths 64-512, stride 2 from the second stage on (blurred first with blur_pool); drop path rises
+        # linearly from 0 on the first block to drop_path_rate on the last
         num_blocks = sum(layers)
         block_idx = 0
         in_chs = 64
@@ -91,7 +105,8 @@ class CustomResNet(nn.Module):
             blocks = []
             for i in range(depth):
                 rate = drop_path_rate * block_idx / max(num_blocks - 1, 1)
-                blocks.append(CustomBottleneck(in_chs, width, stride if i == 0 else 1, drop_path_rate=rate))
+                blocks.append(CustomBottleneck(in_chs, width, stride if i == 0 else 1, drop_path_rate=rate,
+                                               blur_pool=blur_pool))
                 in_chs = width * CustomBottleneck.expansion
                 block_idx += 1
             name = f'layer{stage_idx + 1}'

@@ -1,3 +1,5 @@
+from collections import Counter
+
 import pytest
 import torch
 
@@ -37,6 +39,53 @@ def test_resuming_at_a_step_yields_exactly_the_remaining_batches():
     resumed = TrainBatchSampler(50, layout, rank=0, seed=0)
     resumed.set_position(0, 4)
     assert len(resumed) == 2 and list(resumed) == full[4:]
+
+
+def test_repeated_augmentation_trains_the_epochs_first_samples_aug_repeats_times_and_keeps_its_length():
+    layout = BatchLayout.create(12, 1, None)
+    plain = [i for i, _ in flat(TrainBatchSampler(100, layout, rank=0, seed=4))]
+    items = flat(TrainBatchSampler(100, layout, rank=0, seed=4, repeats=3))
+    indices = [i for i, _ in items]
+    assert len(indices) == len(plain) == 96
+    assert sorted(Counter(indices).values()) == [3] * 32
+    assert set(indices) == set(plain[:32])  # timm's semantics: the permutation's first 96 / 3 samples
+    assert len({seed for _, seed in items}) == 96  # each copy its own seed
+
+
+@pytest.mark.parametrize('world', [2, 3])
+def test_repeated_copies_are_split_over_processes_and_steps_match_one_process(world):
+    one = list(TrainBatchSampler(100, BatchLayout.create(12, 1, 12 // world), rank=0, seed=5, repeats=3))
+    ranks = [list(TrainBatchSampler(100, BatchLayout.create(12, world, None), rank=r, seed=5, repeats=3))
+             for r in range(world)]
+    assert len(one) == 8 * world and all(len(batches) == 8 for batches in ranks)
+    for step in range(8):  # 1 process, micro-batches world * k + r == rank r of step k
+        assert [b[step] for b in ranks] == one[world * step:world * (step + 1)]
+        step_indices = [i for b in ranks for i, _ in b[step]]
+        assert sorted(Counter(step_indices).values()) == [3] * 4  # each step holds all copies of its samples
+        for b in ranks:  # a process holds at most ceil(3 / world) copies of a sample
+            assert max(Counter(i for i, _ in b[step]).values()) == -(-3 // world)
+
+
+def test_resuming_with_repeated_augmentation_yields_exactly_the_remaining_batches():
+    layout = BatchLayout.create(8, 1, 4)
+    full = TrainBatchSampler(50, layout, rank=0, seed=2, repeats=2)
+    full.set_position(1, 0)
+    resumed = TrainBatchSampler(50, layout, rank=0, seed=2, repeats=2)
+    resumed.set_position(1, 4)
+    assert len(resumed) == 4 and list(resumed) == list(full)[8:]
+
+
+def test_repeated_copies_are_augmented_differently(shapes):
+    config = parse_config(['--img-size', '32', '--aug-repeats', '3', '--scale', '0.3', '1.0', '-j', '0'])
+    loader, sampler = create_train_loader(open_image_folder(shapes, 'train'), config, dict(
+        input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3),
+        BatchLayout.create(12, 1, None), 0, torch.device('cpu'))
+    x, y = next(iter(loader))
+    indices = [i for i, _ in next(iter(sampler))]
+    copies = [(a, b) for a in range(12) for b in range(a + 1, 12) if indices[a] == indices[b]]
+    assert len(copies) == 4 * 3
+    for a, b in copies:
+        assert y[a] == y[b] and not torch.equal(x[a], x[b])
 
 
 def test_batch_layout_splits_the_global_batch():

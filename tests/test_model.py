@@ -1,11 +1,15 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from timm.data import resolve_data_config
+from timm.layers import BlurPool2d
 
 import model_defs  # noqa: F401
+import train
 from model_defs import CustomBottleneck
+from training.config import UserError, parse_config
 
 
 def test_registered_in_timm():
@@ -113,3 +117,41 @@ def test_drop_rate_applies_dropout_before_the_classifier():
     model = timm.create_model('resnet50_custom', num_classes=10, drop_rate=0.9).train()
     features = torch.ones(4, 2048, 1, 1)
     assert not torch.allclose(model.forward_head(features), model.forward_head(features))
+
+
+def test_blur_pool_blurs_the_six_strided_convs_without_new_parameters_or_state():
+    plain = timm.create_model('resnet50_custom', zero_init_last=False).eval()
+    blurred = timm.create_model('resnet50_custom', zero_init_last=False, blur_pool=True).eval()
+    assert not any(isinstance(m, BlurPool2d) for m in plain.modules())
+    blurs = [name for name, m in blurred.named_modules() if isinstance(m, BlurPool2d)]
+    assert blurs == [f'layer{s}.0.{b}' for s in (2, 3, 4) for b in ('blur2', 'blur_shortcut')]
+    assert all(blurred.get_submodule(name).stride == 1 for name in blurs)
+    assert sum(p.numel() for p in blurred.parameters()) == 25_557_032
+    blurred.load_state_dict(plain.state_dict())  # the same names: strict load
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), blurred(x), atol=1e-3)
+
+
+def test_blur_pool_keeps_every_feature_maps_shape():
+    plain = timm.create_model('resnet50_custom', features_only=True).eval()
+    blurred = timm.create_model('resnet50_custom', features_only=True, blur_pool=True).eval()
+    assert blurred.feature_info.reduction() == [2, 4, 8, 16, 32]
+    for size in (64, 57):  # an odd size too: blurring at stride 1 leaves the strided convs' rounding as it was
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            assert [f.shape for f in blurred(x)] == [f.shape for f in plain(x)]
+
+
+def test_blur_pool_keeps_the_strides_and_blurs_with_a_zero_padded_binomial_filter():
+    block = timm.create_model('resnet50_custom', blur_pool=True).layer3[0]
+    assert block.conv2.stride == (2, 2) and block.downsample[0].stride == (2, 2)
+    x = torch.randn(1, 512, 8, 8)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(512, 1, 3, 3)
+    assert torch.allclose(block.blur_shortcut(x), F.conv2d(x, kernel, padding=1, groups=512), atol=1e-6)
+
+
+def test_blur_pool_on_a_model_without_it_is_a_clear_error():
+    with pytest.raises(UserError, match="model resnet18 does not take these options: .*'blur_pool'"):
+        train.build_model(parse_config(['--model', 'resnet18', '--blur-pool']), 10)

@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import validate
 from training import builtin_data
+from training.distributed import Processes
+from training.engine import evaluate
 
 from conftest import load, run_train, summary
 
@@ -57,11 +60,57 @@ def test_plain_state_dict_with_model_name(trained, tmp_path, shapes, capsys):
     assert json.loads(out.read_text())['top1'] == pytest.approx(summary(trained)[-1]['val_top1'], abs=0.01)
 
 
-def test_flip_tta_runs_both_views(trained, tmp_path):
+def test_evaluate_with_eval_flip_averages_the_logits_of_the_image_and_its_flip():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))  # not flip-invariant
+    x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    procs = Processes(0, 1, 0, torch.device('cpu'))
+    with torch.no_grad():
+        logits = (model(x) + model(x.flip(3))) / 2
+    expected = dict(loss=F.cross_entropy(logits, y).item(), top1=100 * (logits.argmax(1) == y).float().mean().item())
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # two batches
+    flipped = evaluate(model, loader, procs, eval_flip=True)
+    assert flipped['loss'] == pytest.approx(expected['loss'], rel=1e-6)
+    assert flipped['top1'] == pytest.approx(expected['top1'])
+    assert evaluate(model, loader, procs)['loss'] != pytest.approx(flipped['loss'], rel=1e-3)
+
+
+@pytest.fixture(scope='module')
+def trained_methods(shapes, tmp_path_factory):
+    """One epoch of two steps, without EMA, with BlurPool and flip evaluation."""
+    output = tmp_path_factory.mktemp('methods')
+    assert run_train(shapes, output, '--epochs', '1', '-b', '40', '--no-zero-init-last',
+                     '--no-model-ema', '--blur-pool', '--eval-flip', experiment='methods') == 0
+    return output / 'methods'
+
+
+def validate_results(*args: str, tmp_path: Path) -> dict:
     out = tmp_path / 'r.json'
-    assert run_validate('--checkpoint', str(trained / 'last.pth.tar'), '--tta', 'flip', '--results-file', str(out)) == 0
-    results = json.loads(out.read_text())
-    assert results['tta'] == 'flip' and results['images'] == 50
+    assert run_validate(*args, '--weights', 'raw', '--results-file', str(out)) == 0
+    return json.loads(out.read_text())
+
+
+def test_a_blur_pool_checkpoint_validates_with_blur_pool_and_eval_flip_from_its_config(trained_methods, tmp_path):
+    checkpoint = str(trained_methods / 'last.pth.tar')
+    logged = summary(trained_methods)[-1]
+    results = validate_results('--checkpoint', checkpoint, tmp_path=tmp_path)
+    assert results['blur_pool'] and results['eval_flip']
+    assert results['top1'] == pytest.approx(logged['val_top1'], abs=0.01)
+    assert results['loss'] == pytest.approx(logged['val_loss'], rel=1e-6)  # the batching differs, ~1e-7
+    # the state dict loads into the plain model too, silently: only the config tells them apart
+    plain = validate_results('--checkpoint', checkpoint, '--no-blur-pool', tmp_path=tmp_path)
+    one_view = validate_results('--checkpoint', checkpoint, '--no-eval-flip', tmp_path=tmp_path)
+    assert not plain['blur_pool'] and not one_view['eval_flip']
+    for other in (plain, one_view):  # ~1e-4 and more apart on this barely trained model
+        assert abs(other['loss'] - results['loss']) > 1e-5 * results['loss']
+
+
+def test_eval_flip_on_the_command_line_turns_it_on_for_a_checkpoint_without_it(trained, tmp_path):
+    checkpoint = str(trained / 'last.pth.tar')
+    flipped = validate_results('--checkpoint', checkpoint, '--eval-flip', tmp_path=tmp_path)
+    assert flipped['eval_flip'] and flipped['images'] == 50
+    logged = summary(trained)[-1]['val_loss']
+    assert abs(flipped['loss'] - logged) > 1e-5 * logged
 
 
 def flat_folder(tmp_path, shapes):

@@ -156,6 +156,8 @@ OPTIONS = _grouped(
     Option('drop_rate', 0.0, fraction, 'dropout before the classifier'),
     Option('drop_path_rate', 0.0, fraction, 'stochastic depth rate of the last block (rises linearly from 0)'),
     Option('zero_init_last', True, flag, "zero-init each block's last BN gamma"),
+    Option('blur_pool', False, flag, 'BlurPool anti-aliasing: blur the inputs of the strided convs (resnet50_custom, '
+           "FFCV's placement; adds no parameters)"),
     Option('initial_checkpoint', None, text, 'start a new schedule from the weights of this checkpoint',
            optional=True),
     Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides', choices=('ema', 'raw')),
@@ -214,6 +216,9 @@ OPTIONS = _grouped(
     Option('bce_loss', False, flag, 'binary cross-entropy loss instead of softmax cross-entropy'),
     Option('bce_target_thresh', None, fraction, "BCE loss: targets above this become 1, the others 0 (timm's "
            'target_threshold, after Mixup/CutMix and smoothing)', optional=True),
+    Option('aug_repeats', 0, non_negative(integer), "repeated augmentation (timm's --aug-repeats): each sample drawn "
+           'trains this many times per epoch, each copy augmented differently and on another process where there are '
+           'enough; an epoch keeps its length, so it draws 1/aug_repeats of the dataset (0 or 1 = off)'),
     'optimisation and schedule',
     Option('batch_size', 128, positive(integer), 'GLOBAL batch size: images per optimizer step over all processes',
            flags=('-b',)),
@@ -249,6 +254,8 @@ OPTIONS = _grouped(
     'evaluation and checkpoints',
     Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
            choices=('top1', 'top5', 'loss')),
+    Option('eval_flip', False, flag, 'per-epoch evaluation averages the logits of each image and of its horizontal '
+           'flip (FFCV\'s test-time augmentation); validate.py follows it'),
     Option('checkpoint_hist', 3, positive(integer), 'number of best epoch checkpoints to keep', role=RUN),
     Option('recovery_interval', 0, non_negative(integer), 'recovery checkpoint every N optimizer steps (0 = off)',
            role=RUN),
@@ -477,6 +484,12 @@ def validate(config: dict):
             'operations): use decode: cpu, or drop auto_augment')
     require(config['cpu_decode_share'] == 0 or config['decode'] == 'gpu',
             'cpu_decode_share splits the decoding of decode: gpu (with decode: cpu the workers decode every image)')
+
+
+def architecture_options(config: dict) -> dict:
+    """Model keyword arguments of a run's config besides those of training only (dropout, init): what train.py builds
+    and validate.py rebuilds. blur_pool is passed only when on, so that timm models without the option build."""
+    return {'blur_pool': True} if config.get('blur_pool') else {}
 
 
 def saved_config(config: dict) -> dict:

@@ -4,6 +4,7 @@ The order of an epoch is a permutation drawn from (seed, epoch). Optimizer step 
 [k * B, (k + 1) * B) of it (B the global batch); process r of W takes the r-th slice of B / W and splits it into
 micro-batches. Each sample's augmentation is seeded from (seed, epoch, position). So the same images with the same
 augmentation make up step k on any number of processes or loader workers, and a resumed run needs only (epoch, k).
+With repeated augmentation the epoch's positions hold its first indices, each several times (see TrainBatchSampler).
 """
 import hashlib
 import json
@@ -72,13 +73,22 @@ class BatchLayout:
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
-    """Yields this process's micro-batches of (index, sample seed) from the current position to the epoch's end."""
+    """Yields this process's micro-batches of (index, sample seed) from the current position to the epoch's end.
 
-    def __init__(self, num_samples: int, layout: BatchLayout, rank: int, seed: int):
+    With repeats R > 1 (repeated augmentation, timm's RepeatAugSampler semantics): the epoch keeps its length and
+    trains the first indices of its permutation R times each, so it draws about 1/R of the dataset. The copies of a
+    sample lie next to each other in timm's order; here each step's batch is reordered so that they lie B / R apart,
+    which on R or more processes (or micro-batches) puts them in different ones when R divides B, as timm's strided
+    split does, while the step stays the same on any number of processes. Every copy has its own position, hence its
+    own sample seed and augmentation.
+    """
+
+    def __init__(self, num_samples: int, layout: BatchLayout, rank: int, seed: int, repeats: int = 1):
         self.num_samples = num_samples
         self.layout = layout
         self.rank = rank
         self.seed = seed
+        self.repeats = max(repeats, 1)
         self.steps_per_epoch = num_samples // layout.global_batch
         self.epoch = 0
         self.start_step = 0
@@ -89,9 +99,19 @@ class TrainBatchSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.layout.accum_steps
 
-    def __iter__(self):
+    def epoch_order(self) -> list:
+        """The dataset index at each position of the epoch's steps."""
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
-            derive_seed(self.seed, ORDER, self.epoch))).tolist()
+            derive_seed(self.seed, ORDER, self.epoch)))
+        if self.repeats == 1:
+            return order.tolist()
+        batch, positions = self.layout.global_batch, self.steps_per_epoch * self.layout.global_batch
+        repeated = order[:math.ceil(positions / self.repeats)].repeat_interleave(self.repeats)[:positions]
+        spread = torch.cat([torch.arange(copy, batch, self.repeats) for copy in range(self.repeats)])
+        return repeated.view(self.steps_per_epoch, batch)[:, spread].flatten().tolist()
+
+    def __iter__(self):
+        order = self.epoch_order()
         sample_seed = derive_seed(self.seed, SAMPLE, self.epoch)
         micro = self.layout.micro_batch
         for step in range(self.start_step, self.steps_per_epoch):
@@ -421,9 +441,13 @@ def create_train_loader(dataset, config: dict, data_cfg: dict, layout: BatchLayo
 
     With progressive resizing (`sizes` that change), each epoch trains at its size; the workers persist.
     """
-    sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'])
+    sampler = TrainBatchSampler(len(dataset), layout, rank, config['seed'], config['aug_repeats'])
     if sampler.steps_per_epoch == 0:
         raise UserError(f'the training set ({len(dataset)} images) is smaller than one batch of {layout.global_batch}')
+    if sampler.repeats > 1:
+        positions = sampler.steps_per_epoch * layout.global_batch
+        _logger.info(f'Repeated augmentation: each epoch trains {math.ceil(positions / sampler.repeats)} of the '
+                     f'{len(dataset)} images {sampler.repeats} times each ({positions} samples)')
     progressive = (sizes is not None) and (sizes.start is not None)
     if config['decode'] == 'gpu':
         from .gpu_decode import create_gpu_train_loader  # imported here: gpu_decode imports this module

@@ -74,11 +74,15 @@ def clipped_parameters(model: torch.nn.Module, mode: str) -> list:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
-             channels_last: bool = False, tta_flip: bool = False, stop: Optional[StopRequest] = None) -> dict:
+             channels_last: bool = False, eval_flip: bool = False, stop: Optional[StopRequest] = None) -> dict:
     """Top-1, top-5 and mean cross-entropy over every image of the loader's dataset, once each.
 
     Every process evaluates its own shard; sums are reduced, so the result does not depend on the number of
     processes. A stop request is agreed on in the batches all processes share, and raises Interrupted.
+
+    With eval_flip, an image's logits are the mean of its own and its horizontal flip's, flipped here on the loaded
+    batch (so with either decode path). Logits rather than probabilities, as FFCV's evaluation sums logits for its
+    published numbers; the mean ranks as the sum does and keeps the loss on the scale of one view.
     """
     model.eval()
     device = procs.device
@@ -92,7 +96,7 @@ def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Option
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             logits = model(x)
-            if tta_flip:
+            if eval_flip:
                 logits = (logits + model(x.flip(3))) / 2
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices

@@ -170,3 +170,11 @@ def test_prune_intermediate_layers_keeps_the_maps_asked_for(trained_like):
         full = trained_like.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
         assert all(torch.equal(a, b) for a, b in zip(kept, full))
         assert pruned.num_features == 512 and pruned(x).shape == (1, 512, 8, 8)
+
+
+def test_features_only_getter_is_built_on_forward_intermediates():
+    backbone = timm.create_model('resnet50_custom', features_only=True, feature_cls='getter', out_indices=(1, 2))
+    maps = backbone(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1:] for m in maps] == [(256, 16, 16), (512, 8, 8)]
+    assert backbone.feature_info.channels() == [256, 512]
+    assert not list(backbone.model.layer3.parameters())  # pruned: the stages after the last map are gone

@@ -227,6 +227,12 @@ def test_timm_lr_base_scales_to_the_batch_by_timms_rule(tmp_path, opt, batch, lr
     assert bigger['lr'] == pytest.approx(lr * (4 if opt == 'sgd' else 2))
 
 
+def test_args_of_older_timm_versions_read_too(tmp_path):
+    path = timm_args(tmp_path, apex_amp=False, native_amp=True, bn_tf=False, jsd=False, amp=True)
+    config = parse_config(['-c', path, '--output', str(tmp_path / 'ours')])
+    assert config['amp'] is True and config['amp_dtype'] == 'float16'  # timm's default AMP type
+
+
 def test_timm_input_size_sets_the_image_size(tmp_path):
     path = timm_args(tmp_path, input_size=[3, 48, 48], experiment='')
     config = parse_config(['-c', path, '--output', str(tmp_path / 'ours')])

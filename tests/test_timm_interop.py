@@ -15,6 +15,7 @@ from timm.utils import CheckpointSaver, ModelEmaV3
 
 import train
 import validate
+from training import checkpoint
 from training.config import parse_config, saved_config
 
 from conftest import REPO, assert_same_weights, load, summary
@@ -125,3 +126,8 @@ def test_a_wrong_checkpoint_gets_one_line(run_dir, shapes, tmp_path, capsys, nam
     assert validate.main(['-j', '0', '--device', 'cpu', '--checkpoint', path, '--data-dir', str(shapes), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_weights_of_a_deit_style_checkpoint_are_found_under_model(tmp_path):
+    weights = {'fc.weight': torch.ones(2, 3)}
+    assert checkpoint.weights_from({'model': weights, 'epoch': 3}, 'ema', tmp_path, '--weights raw') is weights

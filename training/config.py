@@ -377,14 +377,16 @@ def load_yaml(path) -> dict:
 
 TIMM_RENAMED = {'aa': 'auto_augment', 'reprob': 're_prob', 'remode': 're_mode', 'recount': 're_count',
                 'drop': 'drop_rate', 'drop_path': 'drop_path_rate', 'data': 'data_dir'}
-# how timm's process ran, not what it trained: any value is accepted and ignored
+# how timm's process ran, not what it trained: any value is accepted and ignored (apex_amp and native_amp: which AMP
+# implementation timm 0.6 and older used)
 TIMM_IGNORED = {'local_rank', 'no_ddp_bb', 'pin_mem', 'no_prefetcher', 'use_multi_epochs_loader', 'synchronize_step',
-                'save_images', 'wandb_resume_id', 'dataset_download'}
+                'save_images', 'wandb_resume_id', 'dataset_download', 'apex_amp', 'native_amp'}
 # read together into lr and lr_scale (see _timm_lr)
 TIMM_LR_KEYS = {'lr_base', 'lr_base_size', 'lr_base_scale'}
-# timm's defaults (timm 1.0.31) of the options we do not have; aug_repeats and bce_target_thresh are ours where
-# OPTIONS holds them
+# timm's defaults (timm 1.0.31, and bn_tf, jsd, aot_autograd of older versions) of the options we do not have;
+# aug_repeats and bce_target_thresh are ours where OPTIONS holds them
 TIMM_DEFAULTS = dict(
+    bn_tf=False, jsd=False, aot_autograd=False,
     aug_repeats=0, aug_splits=0, bce_pos_weight=None, bce_sum=False, bce_target_thresh=None, bn_eps=None,
     bn_momentum=None, class_map='', color_jitter_prob=None, cooldown_epochs=0, dataset_trust_remote_code=False,
     device_modules=None, dist_bn='reduce', distill_loss_weight=None, drop_block=None, drop_connect=None,

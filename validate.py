@@ -92,8 +92,8 @@ def check_classes(state: dict, names: list, where: str, allow_other: bool):
     would mean other classes (renamed or swapped folders, another dataset with as many classes)."""
     trained = (state.get('data') or {}).get('class_names')
     if not trained:
-        print('validate.py: note: the checkpoint holds no class names (older versions saved only their count), so '
-              'only the class count is checked', file=sys.stderr)
+        print("validate.py: note: the checkpoint holds no class names (timm's train.py and older versions of ours save "
+              'none), so only the class count is checked', file=sys.stderr)
         return
     if (not names) or (names == trained):
         return

@@ -421,11 +421,11 @@ def from_timm_args(data: dict, source: str) -> dict:
     for key, value in data.items():
         if (key in TIMM_IGNORED) or (key in TIMM_LR_KEYS) or (key == 'input_size' and value is None):
             continue
-        if (key in TIMM_DEFAULTS) and (key not in BY_NAME or value == TIMM_DEFAULTS[key]):
-            if not _same(value, TIMM_DEFAULTS[key]):
-                raise UserError(f'{source}: timm option {key}: {value!r} is not supported by train.py (only timm\'s '
-                                f'default, {TIMM_DEFAULTS[key]!r}, is accepted: it changes nothing)')
-            continue  # timm's default means off; our default is off too
+        if (key in TIMM_DEFAULTS) and _same(value, TIMM_DEFAULTS[key]):
+            continue  # timm's default is off, and so is ours where we have the option
+        if (key in TIMM_DEFAULTS) and (key not in BY_NAME):
+            raise UserError(f'{source}: timm option {key}: {value!r} is not supported by train.py (only timm\'s '
+                            f'default, {TIMM_DEFAULTS[key]!r}, is accepted: it changes nothing)')
         if value is None or value == '':  # timm's "not set": our default
             continue
         name = TIMM_RENAMED.get(key, key)

@@ -3,7 +3,8 @@
 
     python validate.py --checkpoint output/rn50_130ep/model_best.pth.tar [--data-dir DIR] [--weights ema|raw]
 
-Model, class count and preprocessing come from the checkpoint; a plain state dict needs --model. The dataset's class
+Model, class count and preprocessing come from the checkpoint (ours, or one written by timm's train.py); a plain state
+dict needs --model, and --num-classes where its classifier does not tell. The dataset's class
 folders must be those the checkpoint was trained on, in the same label order (--allow-other-classes: evaluate anyway).
 Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file.
 """
@@ -64,17 +65,17 @@ def parse_args(argv=None):
 
 def load_model(args, state: dict):
     """The model named by the checkpoint (or --model) with the chosen weights; also returns its training config."""
-    config = state.get('config') or {}
+    config = state.get('config') or checkpoint.timm_run_config(state.get('args'))
     name = config.get('model')
     if args.model and name and args.model != name:
         raise UserError(f'{args.checkpoint} holds {name}, not {args.model}')
     name = args.model or name
-    if not name:
-        raise UserError(f'{args.checkpoint} is a plain state dict: pass --model')
     weights_kind = args.weights or state.get('metric_weights') or ('ema' if 'state_dict_ema' in state else 'raw')
     weights = checkpoint.weights_from(state, weights_kind, args.checkpoint, '--weights raw')
+    if not name:
+        raise UserError(f'{args.checkpoint} is a plain state dict: pass --model')
     classifier = weights.get(f'{get_pretrained_cfg(name).classifier}.weight') if get_pretrained_cfg(name) else None
-    num_classes = (args.num_classes or (state.get('data') or {}).get('classes') or
+    num_classes = (args.num_classes or (state.get('data') or {}).get('classes') or config.get('num_classes') or
                    (classifier.shape[0] if classifier is not None else None))
     if num_classes is None:
         raise UserError(f'cannot tell the class count of {args.checkpoint}: pass --num-classes')
@@ -99,8 +100,8 @@ def check_classes(state: dict, names: list, where: str, allow_other: bool):
     would mean other classes (renamed or swapped folders, another dataset with as many classes)."""
     trained = (state.get('data') or {}).get('class_names')
     if not trained:
-        print('validate.py: note: the checkpoint holds no class names (older versions saved only their count), so '
-              'only the class count is checked', file=sys.stderr)
+        print("validate.py: note: the checkpoint holds no class names (timm's train.py and older versions of ours save "
+              'none), so only the class count is checked', file=sys.stderr)
         return
     if (not names) or (names == trained):
         return

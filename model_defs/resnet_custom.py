@@ -9,15 +9,16 @@ as FFCV's ResNet-50 recipes use it.
 
 Parameter names match torchvision's `resnet50`, so its state dicts load unchanged.
 """
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d, create_aa
+from timm.layers import DropPath, create_aa, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # timm's own index rule; timm.models does not re-export it
 
 __all__ = ['CustomResNet', 'CustomBottleneck']
 
@@ -115,14 +116,9 @@ class CustomResNet(nn.Module):
 
         # head: global pool, dropout, classifier
         self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = self._make_fc(num_classes)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
         self.init_weights(zero_init_last=zero_init_last)
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        in_features = self.num_features * self.global_pool.feat_mult()
-        return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         for m in self.modules():
@@ -149,21 +145,73 @@ class CustomResNet(nn.Module):
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier; num_classes 0 drops it, and global_pool '' also drops the pooling (4-D features)."""
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = self._make_fc(num_classes)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        # timm's classifier factory: an empty pool type neither pools nor flattens
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
-    def stages(self) -> List[nn.Module]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Final features and the feature maps of the stem (index 0) and the four stages (1-4).
+
+        Args:
+            indices: the last n maps if an int, all if None, else these indices (negative from the end).
+            norm: accepted for timm's signature; a ResNet has no final norm to apply.
+            stop_early: skip the stages after the last map asked for.
+        """
+        assert output_fmt == 'NCHW', 'ResNet feature maps are NCHW'
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
+        for index, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            if index in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last feature map in indices (and the classifier); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in ('layer1', 'layer2', 'layer3', 'layer4')[max_index:]:
+            setattr(self, name, nn.Sequential())  # empty, so that forward_features still runs through it
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < len(self.feature_info) - 1:  # the features now end earlier, narrower than the head expects
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or (max_index < len(self.feature_info) - 1):
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages(), x, flatten=True)
-        for stage in self.stages():
-            x = stage(x)
-        return x
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        # each stage by name: TorchScript cannot iterate a list of modules
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

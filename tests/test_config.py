@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import train
-from training.config import OPTIONS, UserError, experiment_changes, parse_config, save_config, saved_config
+from training.config import BY_NAME, OPTIONS, UserError, experiment_changes, parse_config, save_config, saved_config
 
 from conftest import REPO
 
@@ -181,3 +181,93 @@ def test_readme_documents_every_option():
     readme = (REPO / 'README.md').read_text()
     missing = [o.name for o in OPTIONS if f'`{o.name}`' not in readme and f'`{o.flag}' not in readme]
     assert not missing
+
+
+# timm's args.yaml as a recipe. tests/fixtures/timm_args.yaml is data, written by timm's own train.py (timm 1.0.31)
+# into the run folder of a tiny run (test_resnet, 1 epoch, 32 px, RandAugment, Mixup/CutMix, random erasing, EMA).
+TIMM_ARGS = REPO / 'tests' / 'fixtures' / 'timm_args.yaml'
+
+
+def timm_args(tmp_path: Path, **changes) -> str:
+    """The fixture args.yaml with some values changed (None removes the key)."""
+    data = yaml.safe_load(TIMM_ARGS.read_text())
+    data.update(changes)
+    path = tmp_path / 'timm_run' / 'args.yaml'
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    return str(path)
+
+
+def test_timm_args_yaml_reads_as_is_in_our_names(tmp_path, capsys):
+    timm = yaml.safe_load(TIMM_ARGS.read_text())
+    config = parse_config(['-c', str(TIMM_ARGS), '--output', str(tmp_path)])
+    renamed = dict(aa='auto_augment', reprob='re_prob', remode='re_mode', recount='re_count', drop='drop_rate',
+                   drop_path='drop_path_rate')
+    assert {ours: config[ours] for ours in renamed.values()} == {ours: timm[key] for key, ours in renamed.items()}
+    shared = ['model', 'num_classes', 'img_size', 'crop_pct', 'batch_size', 'epochs', 'opt', 'lr', 'weight_decay',
+              'sched', 'warmup_epochs', 'warmup_lr', 'min_lr', 'smoothing', 'mixup', 'cutmix', 'mixup_prob',
+              'mixup_switch_prob', 'mixup_mode', 'model_ema', 'model_ema_decay', 'hflip', 'vflip', 'scale', 'ratio',
+              'color_jitter', 'train_interpolation', 'seed', 'momentum', 'clip_mode', 'decay_milestones', 'workers',
+              'train_split', 'val_split', 'checkpoint_hist', 'log_interval', 'experiment', 'amp', 'channels_last']
+    assert {k: config[k] for k in shared} == {k: timm[k] for k in shared}
+    assert (config['interpolation'], config['initial_checkpoint'], config['torchcompile']) == (None, None, False)
+    assert config['lr_scale'] == 'none'  # timm never rescales an lr it is given
+    assert (config['recipe'], config['experiment']) == ('timm_args', 'tiny')
+    assert "timm's batch_size 8 is per GPU; read as the global batch" in capsys.readouterr().err
+    saved = saved_config(config)
+    assert not set(saved) & {'aa', 'reprob', 'drop_path', 'lr_base', 'pin_mem'}  # saved in our names only
+
+
+@pytest.mark.parametrize('opt, batch, lr', [('sgd', 64, 0.1 * 64 / 256), ('adamw', 64, 0.1 * (64 / 256) ** 0.5)])
+def test_timm_lr_base_scales_to_the_batch_by_timms_rule(tmp_path, opt, batch, lr):
+    config = parse_config(['-c', timm_args(tmp_path, lr=None, opt=opt, batch_size=batch), '--output', str(tmp_path)])
+    assert config['lr'] == pytest.approx(lr)
+    assert config['lr_scale'] == ('sqrt' if opt == 'adamw' else 'linear')
+    bigger = parse_config(['-c', timm_args(tmp_path, lr=None, opt=opt, batch_size=batch), '--output', str(tmp_path),
+                           '-b', str(4 * batch)])  # as timm on 4 GPUs
+    assert bigger['lr'] == pytest.approx(lr * (4 if opt == 'sgd' else 2))
+
+
+def test_args_of_older_timm_versions_read_too(tmp_path):
+    path = timm_args(tmp_path, apex_amp=False, native_amp=True, bn_tf=False, jsd=False, amp=True)
+    config = parse_config(['-c', path, '--output', str(tmp_path / 'ours')])
+    assert config['amp'] is True and config['amp_dtype'] == 'float16'  # timm's default AMP type
+
+
+def test_timm_input_size_sets_the_image_size(tmp_path):
+    path = timm_args(tmp_path, input_size=[3, 48, 48], experiment='')
+    config = parse_config(['-c', path, '--output', str(tmp_path / 'ours')])
+    assert config['img_size'] == 48
+    assert config['recipe'] == config['experiment'] == 'timm_run'  # an args.yaml is named by its run folder
+
+
+def test_timm_options_of_other_helpers_are_ours_once_they_exist(tmp_path, capsys):
+    for key, value in (('aug_repeats', 3), ('bce_target_thresh', 0.2)):
+        argv = ['-c', timm_args(tmp_path, **{key: value}), '--output', str(tmp_path)]
+        if key in BY_NAME:
+            assert parse_config(argv)[key] == value
+        else:
+            assert train.main(argv) == 2
+            assert f'timm option {key}: {value!r} is not supported' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(layer_decay=0.65), "timm option layer_decay: 0.65 is not supported by train.py (only timm's default, None,"),
+    (dict(cooldown_epochs=10), "timm option cooldown_epochs: 10 is not supported by train.py (only timm's default, 0,"),
+    (dict(torchcompile='aot_eager'), "torchcompile: 'aot_eager': train.py compiles with inductor only"),
+    (dict(input_size=[3, 32, 48]), 'input_size [3, 32, 48]: train.py takes 3-channel square images'),
+    (dict(resume='last.pth.tar'), "resume 'last.pth.tar': resuming is an action, give --resume"),
+    (dict(sched='plateau'), 'sched must be one of cosine'),
+    (dict(lr=None, lr_base_scale='cube'), 'lr_base_scale must be linear or sqrt'),
+    (dict(layer_dekay=0.65), 'unknown option layer_dekay; did you mean'),
+])
+def test_timm_args_we_cannot_honour_stop_with_one_line(tmp_path, capsys, changes, message):
+    assert train.main(['-c', timm_args(tmp_path, **changes), '--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_timm_args_would_not_write_into_the_timm_run_folder(tmp_path, capsys):
+    path = timm_args(tmp_path, output=str(tmp_path), experiment='timm_run')  # where timm wrote it
+    assert train.main(['-c', path]) == 2
+    assert 'is a timm run (it holds args.yaml); give --output or --experiment' in capsys.readouterr().err

@@ -155,3 +155,68 @@ def test_blur_pool_keeps_the_strides_and_blurs_with_a_zero_padded_binomial_filte
 def test_blur_pool_on_a_model_without_it_is_a_clear_error():
     with pytest.raises(UserError, match="model resnet18 does not take these options: .*'blur_pool'"):
         train.build_model(parse_config(['--model', 'resnet18', '--blur-pool']), 10)
+
+
+def test_reset_classifier_without_pool_gives_unpooled_feature_maps():
+    model = timm.create_model('resnet50_custom', num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model.reset_classifier(0, '')
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 2048, 2, 2)
+        assert torch.equal(out, model.forward_features(x))
+    model.reset_classifier(4, 'avg')
+    assert model(x).shape == (2, 4)
+    model.reset_classifier(0)  # keeps the pooling: 2-D features
+    assert model(x).shape == (2, 2048) and model.head_hidden_size == 2048
+
+
+def test_torchscript_model_gives_the_same_outputs():
+    model = timm.create_model('resnet50_custom', num_classes=10, drop_rate=0.2, drop_path_rate=0.1).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), model(x), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def trained_like():
+    """A model with random (not zero) last BN gammas, so that every stage changes its input."""
+    torch.manual_seed(0)
+    return timm.create_model('resnet50_custom', num_classes=10, zero_init_last=False).eval()
+
+
+def test_forward_intermediates_equal_the_features_only_backbone(trained_like):
+    backbone = timm.create_model('resnet50_custom', features_only=True).eval()
+    backbone.load_state_dict({k: v for k, v in trained_like.state_dict().items() if not k.startswith('fc.')})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = trained_like.forward_intermediates(x)
+        reference = backbone(x)
+        assert torch.equal(final, trained_like.forward_features(x))
+        assert len(maps) == len(reference) == 5
+        assert all(torch.equal(a, b) for a, b in zip(maps, reference))
+        picked = trained_like.forward_intermediates(x, indices=[1, -3], stop_early=True, intermediates_only=True)
+    assert [m.shape[1] for m in picked] == [256, 512]
+    assert torch.equal(picked[1], reference[2])
+
+
+def test_prune_intermediate_layers_keeps_the_maps_asked_for(trained_like):
+    x = torch.randn(1, 3, 64, 64)
+    pruned = timm.create_model('resnet50_custom', num_classes=10).eval()
+    pruned.load_state_dict(trained_like.state_dict())
+    assert pruned.prune_intermediate_layers([1, 2]) == [1, 2]
+    assert not list(pruned.layer3.parameters()) and not list(pruned.layer4.parameters())
+    with torch.no_grad():
+        kept = pruned.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        full = trained_like.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(kept, full))
+        assert pruned.num_features == 512 and pruned(x).shape == (1, 512, 8, 8)
+
+
+def test_features_only_getter_is_built_on_forward_intermediates():
+    backbone = timm.create_model('resnet50_custom', features_only=True, feature_cls='getter', out_indices=(1, 2))
+    maps = backbone(torch.randn(1, 3, 64, 64))
+    assert [m.shape[1:] for m in maps] == [(256, 16, 16), (512, 8, 8)]
+    assert backbone.feature_info.channels() == [256, 512]
+    assert not list(backbone.model.layer3.parameters())  # pruned: the stages after the last map are gone

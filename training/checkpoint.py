@@ -4,6 +4,7 @@ Files in a run folder (timm's layout): `last` and `previous` (the two newest epo
 `checkpoint_hist` epochs), `model_best`, and `recovery-E-S` (the two newest mid-epoch states, S optimizer steps into
 epoch E). Every file holds everything needed to continue; the newest one that loads is resumed.
 """
+import argparse
 import fcntl
 import logging
 import os
@@ -195,10 +196,12 @@ def _torch_load(path: Path, mmap: bool = False) -> dict:
     if not (head == ZIP_MAGIC or head.startswith(LEGACY_MAGIC)):
         raise DamagedCheckpoint(f'{path} is not a PyTorch checkpoint')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and head == ZIP_MAGIC)
+        # timm's train.py stores its argparse.Namespace under 'args': that one class is allowed besides plain types
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and head == ZIP_MAGIC)
     except pickle.UnpicklingError as e:
         refused = next((line for line in str(e).splitlines() if 'Unsupported' in line), 'unsupported content')
-        refused = refused.split('Unsupported global: ')[-1].split(' was not')[0]
+        refused = refused.split('Unsupported global: ')[-1].split(' was not')[0].replace('GLOBAL ', '')
         raise UserError(f'{path} holds objects that a safe load refuses ({refused.strip()[:160]})') from None
     except Exception as e:
         reason = ' '.join(str(e).split()).split('. ')[0][:160] or type(e).__name__
@@ -426,11 +429,30 @@ def weights_from(state: dict, which: str, path, raw_flag: str) -> dict:
         raw_flag: the option that asks for the raw weights, named when the checkpoint has no EMA weights.
     """
     if 'state_dict' not in state:
-        if all(isinstance(v, torch.Tensor) for v in state.values()):
+        if isinstance(state.get('model'), dict):  # DeiT / ConvNeXt training checkpoints, read by timm's loader too
+            return state['model']
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
             return state
-        raise UserError(f'{path} holds no state_dict')
+        keys = ', '.join(map(str, list(state)[:5])) or 'nothing'
+        raise UserError(f'{path} holds no model weights (no state_dict; its keys: {keys})')
     if which == 'ema':
         if 'state_dict_ema' not in state:
             raise UserError(f'{path} holds no EMA weights; pass {raw_flag} for its raw weights')
         return state['state_dict_ema']
     return state['state_dict']
+
+
+def timm_run_config(args) -> dict:
+    """What evaluation needs of the settings of timm's train.py (the argparse.Namespace in its checkpoints), in our
+    option names; {} for anything else."""
+    if not isinstance(args, argparse.Namespace):
+        return {}
+    timm_args = vars(args)
+    config = {key: timm_args.get(key) or None for key in ('model', 'num_classes', 'data_dir', 'img_size', 'crop_pct',
+                                                           'interpolation', 'mean', 'std')}
+    input_size = timm_args.get('input_size')
+    if input_size:
+        config['img_size'] = input_size[-1]
+    config['dataset'] = timm_args.get('dataset') or ''
+    config['channels_last'] = bool(timm_args.get('channels_last'))
+    return config

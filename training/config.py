@@ -8,6 +8,7 @@ import difflib
 import math
 import os
 import shlex
+import sys
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -402,10 +403,108 @@ def load_yaml(path) -> dict:
     return data
 
 
+# timm's train.py names. Its args.yaml (written into every timm run folder, and the form timm publishes hparams in)
+# holds all of its ~180 options; read as a recipe, each key is ours, a timm name of ours, consumed here, or a timm
+# option we do not have, accepted only at timm's default, where it changes nothing.
+
+TIMM_RENAMED = {'aa': 'auto_augment', 'reprob': 're_prob', 'remode': 're_mode', 'recount': 're_count',
+                'drop': 'drop_rate', 'drop_path': 'drop_path_rate', 'data': 'data_dir'}
+# how timm's process ran, not what it trained: any value is accepted and ignored (apex_amp and native_amp: which AMP
+# implementation timm 0.6 and older used)
+TIMM_IGNORED = {'local_rank', 'no_ddp_bb', 'pin_mem', 'no_prefetcher', 'use_multi_epochs_loader', 'synchronize_step',
+                'save_images', 'wandb_resume_id', 'dataset_download', 'apex_amp', 'native_amp'}
+# read together into lr and lr_scale (see _timm_lr)
+TIMM_LR_KEYS = {'lr_base', 'lr_base_size', 'lr_base_scale'}
+# timm's defaults (timm 1.0.31, and bn_tf, jsd, aot_autograd of older versions) of the options we do not have;
+# aug_repeats and bce_target_thresh are ours where OPTIONS holds them
+TIMM_DEFAULTS = dict(
+    bn_tf=False, jsd=False, aot_autograd=False,
+    aug_repeats=0, aug_splits=0, bce_pos_weight=None, bce_sum=False, bce_target_thresh=None, bn_eps=None,
+    bn_momentum=None, class_map='', color_jitter_prob=None, cooldown_epochs=0, dataset_trust_remote_code=False,
+    device_modules=None, dist_bn='reduce', distill_loss_weight=None, drop_block=None, drop_connect=None,
+    epoch_repeats=0.0, fast_norm=False, fuser='', gaussian_blur_prob=None, gp=None, grad_accum_steps=1,
+    grad_checkpointing=False, grayscale_prob=None, head_init_bias=None, head_init_scale=None, in_chans=None,
+    input_img_mode=None, input_key=None, jsd_loss=False, kd_distill_type='logit', kd_loss_type='kl',
+    kd_model_name=None, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_temperature=4.0,
+    kd_token_distill_type='soft', layer_decay=None, layer_decay_min_scale=0, layer_decay_no_opt_scale=None,
+    lr_cycle_decay=0.5, lr_cycle_limit=1, lr_cycle_mul=1.0, lr_k_decay=1.0, lr_noise=None, lr_noise_pct=0.67,
+    lr_noise_std=1.0, mixup_off_epoch=0, model_dtype=None, model_ema_force_cpu=False, model_ema_warmup=False,
+    model_kwargs={}, naflex_loader=False, naflex_loss_scale='linear', naflex_max_seq_len=576,
+    naflex_patch_size_probs=None, naflex_patch_sizes=None, naflex_patchify_channels_first=False,
+    naflex_train_seq_lens=[128, 256, 576, 784, 1024], no_aug=False, no_resume_opt=False, opt_kwargs={},
+    patience_epochs=10, pretrained=False, pretrained_path=None, resplit=False, sched_on_updates=False,
+    split_bn=False, start_epoch=None, target_key=None, task_loss_weight=None, torchcompile_mode=None,
+    torchscript=False, train_batch_sizes=None, train_batches_per_epoch=None, train_crop_mode=None,
+    train_img_sizes=None, train_num_samples=None, train_size_probs=None, train_size_random_mix=0.1,
+    train_size_schedule='constant', train_size_schedule_spread=0.65, tta=0, val_interval=1, val_num_samples=None,
+    variable_batch_loss_scale='none', warmup_prefix=False, worker_seeding='all',
+)
+TIMM_ONLY = set(TIMM_RENAMED) | TIMM_IGNORED | TIMM_LR_KEYS | set(TIMM_DEFAULTS) | {'input_size'}
+
+
+def is_timm_args(data: dict) -> bool:
+    """A recipe holding any name that only timm's train.py uses is read in timm's terms."""
+    return any((key in TIMM_ONLY) and (key not in BY_NAME) for key in data)
+
+
+def from_timm_args(data: dict, source: str) -> dict:
+    """A timm args.yaml (or any recipe in timm's names) as a recipe in ours; one-line UserError for what we lack."""
+    recipe = {}
+    for key, value in data.items():
+        if (key in TIMM_IGNORED) or (key in TIMM_LR_KEYS) or (key == 'input_size' and value is None):
+            continue
+        if (key in TIMM_DEFAULTS) and _same(value, TIMM_DEFAULTS[key]):
+            continue  # timm's default is off, and so is ours where we have the option
+        if (key in TIMM_DEFAULTS) and (key not in BY_NAME):
+            raise UserError(f'{source}: timm option {key}: {value!r} is not supported by train.py (only timm\'s '
+                            f'default, {TIMM_DEFAULTS[key]!r}, is accepted: it changes nothing)')
+        if value is None or value == '':  # timm's "not set": our default
+            continue
+        name = TIMM_RENAMED.get(key, key)
+        if key == 'input_size':
+            name, value = 'img_size', _timm_input_size(value, source)
+        elif key == 'torchcompile':  # timm's is a backend name
+            if value != 'inductor':
+                raise UserError(f'{source}: torchcompile: {value!r}: train.py compiles with inductor only')
+            value = True
+        elif key == 'resume':
+            raise UserError(f'{source}: resume {value!r}: resuming is an action, give --resume on the command line')
+        recipe[name] = value
+    if 'lr_scale' not in data:
+        recipe['lr'], recipe['lr_scale'] = _timm_lr(data, recipe.get('opt', BY_NAME['opt'].default), source)
+    return recipe
+
+
+def _same(value, default) -> bool:
+    return (list(value) if isinstance(value, tuple) else value) == default
+
+
+def _timm_input_size(value, source: str) -> int:
+    if (not isinstance(value, list)) or (len(value) != 3) or (value[0] != 3) or (value[1] != value[2]):
+        raise UserError(f'{source}: input_size {value!r}: train.py takes 3-channel square images, [3, N, N]')
+    return value[1]
+
+
+def _timm_lr(data: dict, opt: str, source: str) -> tuple:
+    """(lr, lr_scale) as timm reads them: an lr given is used at any batch size; no lr means lr_base per
+    lr_base_size images, scaled to the batch linearly (square root for Adam-like and LAMB optimizers)."""
+    if data.get('lr') is not None:
+        return data['lr'], 'none'
+    rule = data.get('lr_base_scale') or ('sqrt' if any(o in str(opt).lower() for o in ('ada', 'lamb')) else 'linear')
+    if rule not in ('linear', 'sqrt'):
+        raise UserError(f'{source}: lr_base_scale must be linear or sqrt, got {rule!r}')
+    base, size, batch = data.get('lr_base', 0.1), data.get('lr_base_size', 256), data.get('batch_size', 128)
+    try:
+        return scaled_lr(number(base), positive(number)(size), positive(integer)(batch), rule), rule
+    except ValueError as e:
+        raise UserError(f'{source}: lr_base, lr_base_size, batch_size: {e}') from None
+
+
 def parse_config(argv: Optional[list] = None) -> dict:
     """Resolve the configuration from defaults, an optional recipe (-c) and command line flags.
 
-    Every value is converted and range-checked where it is read (so a recipe's batch_size: 0 is refused even when -b
+    A recipe in timm's names (its args.yaml) is first translated to ours (from_timm_args). Every value is converted
+    and range-checked where it is read (so a recipe's batch_size: 0 is refused even when -b
     overrides it), the options are checked against each other, and only then is lr rescaled to a new batch size.
 
     Returns:
@@ -418,22 +517,36 @@ def parse_config(argv: Optional[list] = None) -> dict:
     recipe_path = cli.pop('config', None)
 
     config = {o.name: o.default for o in OPTIONS}
+    timm_run, timm_batch = False, None
     if recipe_path:
-        for key, value in load_yaml(recipe_path).items():
+        recipe = load_yaml(recipe_path)
+        timm_run = is_timm_args(recipe)
+        if timm_run:
+            timm_batch = recipe.get('batch_size')
+            recipe = from_timm_args(recipe, str(recipe_path))
+        for key, value in recipe.items():
             if key not in BY_NAME:
                 raise unknown_option(str(key), list(BY_NAME), str(recipe_path))
             if BY_NAME[key].role == ACTION:
                 raise UserError(f'{recipe_path}: {key} is an action, give it on the command line')
             config[key] = _check_value(BY_NAME[key], value, str(recipe_path))
         if not config['recipe']:
-            config['recipe'] = Path(recipe_path).stem
+            # every timm run writes an args.yaml; its folder is named after the run
+            named_by_folder = timm_run and (Path(recipe_path).name == 'args.yaml')
+            config['recipe'] = Path(recipe_path).resolve().parent.name if named_by_folder else Path(recipe_path).stem
     recipe_batch, recipe_lr = config['batch_size'], config['lr']
     recipe_ema = (config['model_ema_decay'], recipe_batch, config['model_ema_interval'])
     for key, value in cli.items():
         config[key] = _check_value(BY_NAME[key], value, 'command line')
 
     config['experiment'] = config['experiment'] or config['recipe'] or config['model']
+    if timm_run and (run_folder_of(config) / 'args.yaml').is_file():
+        raise UserError(f'the run folder {run_folder_of(config)} is a timm run (it holds args.yaml); give --output or '
+                        '--experiment for a run folder of train.py')
     validate(config)
+    if timm_batch and ('batch_size' not in cli) and (os.environ.get('RANK', '0') == '0'):
+        print(f"train.py: note: timm's batch_size {timm_batch} is per GPU; read as the global batch (to repeat a "
+              f'timm run on N GPUs, give -b N*{timm_batch})', file=sys.stderr)
     config['lr_rescaled_from'] = None
     if 'batch_size' in cli and 'lr' not in cli and config['batch_size'] != recipe_batch:
         config['lr'] = scaled_lr(recipe_lr, recipe_batch, config['batch_size'], config['lr_scale'])
@@ -446,6 +559,10 @@ def parse_config(argv: Optional[list] = None) -> dict:
         config['model_ema_decay'] = scaled_ema_decay(decay, batch * interval, images_per_update)
         config['ema_decay_rescaled_from'] = recipe_ema
     return config
+
+
+def run_folder_of(config: dict) -> Path:
+    return Path(config['output']) / config['experiment']
 
 
 def scaled_lr(lr: float, from_batch: int, to_batch: int, rule: str) -> float:

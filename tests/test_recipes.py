@@ -215,17 +215,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+BATCH = 8  # 2 steps of the 20 training images, each 2 accumulated micro-batches of 4
+
+
 def tiny_overrides(recipe: dict) -> list:
-    """Command line that keeps a recipe's methods but trains 2 steps of 8 (2 micro-batches of 4) at 32 px on CPU."""
+    """Command line that keeps a recipe's methods but trains 2 small steps at 32 px on CPU."""
     args = ['--dataset', 'builtin', '--img-size', '32', '--val-img-size', '32', '-b', str(BATCH),
-            '--max-batch-per-device', str(BATCH // 2), '--epochs', '1', '--warmup-epochs', '0', '--device', 'cpu', '-j', '0',
-            '--no-amp', '--no-channels-last', '--recovery-minutes', '0', '--log-interval', '1', '--checkpoint-hist', '1']
+            '--max-batch-per-device', str(BATCH // 2), '--epochs', '1', '--warmup-epochs', '0', '--device', 'cpu',
+            '-j', '0', '--no-amp', '--no-channels-last', '--recovery-minutes', '0', '--log-interval', '1',
+            '--checkpoint-hist', '1']
     if 'img_size_start' in recipe:
         args += ['--img-size-start', '32', '--resize-epochs', '0', '1']
     return args
 
 
-BATCH = 8
 OVERRIDDEN = {'dataset', 'img_size', 'val_img_size', 'batch_size', 'max_batch_per_device', 'epochs', 'warmup_epochs',
               'device', 'workers', 'amp', 'channels_last', 'recovery_minutes', 'log_interval', 'checkpoint_hist',
               'img_size_start', 'resize_epochs'}
@@ -241,9 +244,8 @@ def test_recipe_resolves_and_trains_two_steps_with_its_methods(name, images, tmp
     published = {k: v for k, v in PUBLISHED[name].items() if k != 'top1'}
     assert mismatches(resolved, published) == []
 
-    overrides = tiny_overrides(recipe)
     assert train.main(['-c', str(recipe_path(name)), '--data-dir', str(images), '--output', str(tmp_path),
-                       '--experiment', 'run', *overrides]) == 0
+                       '--experiment', 'run', *tiny_overrides(recipe)]) == 0
     run = tmp_path / 'run'
     saved = yaml.safe_load((run / 'config.yaml').read_text())
     kept = {k: v for k, v in recipe.items() if k not in OVERRIDDEN | {'lr', 'model_ema_decay'}}

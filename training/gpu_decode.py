@@ -1,8 +1,9 @@
 """JPEG decoding and augmentation on the training device (`decode: gpu`).
 
 Loader workers read each file's bytes and draw its augmentation from its seed; the training device decodes the batch in
-one call (nvjpeg, or nvImageCodec where installed, on CUDA; libjpeg on CPU, which is how the tests run it), then crops,
-resizes and flips it with two batched matrix products, applies colour jitter and normalises. The output is what the
+one call (nvjpeg, or nvImageCodec with gpu_decoder: nvimgcodec, on CUDA; libjpeg on CPU, which is how the tests run it),
+then crops, resizes and flips it with two batched matrix products, applies colour jitter and normalises. A
+cpu_decode_share of the samples is decoded, cropped and resized by the workers instead; the device flips those. The output is what the
 CPU path yields: (x float32 normalised NCHW, y int64), both on the device. On CUDA a thread makes batches ahead on a
 side stream, so that decoding and augmenting overlap the training steps.
 
@@ -22,10 +23,10 @@ with PIL in the worker, which sends pixels instead of bytes. Bad files follow th
 (training/images.py): replaced by the next readable file with its label and the sample's seed, named once, counted per
 pass against max_bad_images. auto_augment exists only as PIL operations and is refused.
 
-Measured on one H200 (torch 2.11, 14 workers, batch 256 at 224 px, JPEGs of 250-500 px, ~70 KB): the loader alone
-gives 6,700-7,800 img/s; a ResNet-50 step (bf16, channels_last, eager) fed by it 3,580 img/s, against 4,710 on
-synthetic input and at most the 1,544-1,865 img/s of the CPU path's loader. The device work takes 13 ms of GPU time per
-256 images; nvjpeg's pixels differ from libjpeg's by ~4 levels of 255 on average, nvImageCodec's by none.
+Measured on one H200 (torch 2.11, 14 workers, batch 256, JPEGs of 250-500 px, ~70 KB; README "Input pipeline"):
+train.py reaches 3,194 img/s at 224 px with the device decoding everything, 3,452 with cpu_decode_share 1.0, against a
+ceiling of ~4,200 on synthetic input: nvjpeg's ~15 ms per 256 images share the SMs with the training step.
+nvjpeg's pixels differ from libjpeg's by ~1.5 levels of 255 on average, nvImageCodec's by none.
 """
 import io
 import logging

@@ -55,21 +55,23 @@ def is_export(folder: Path) -> bool:
         return False
 
 
-def prepare_folder(out: Path):
-    """An empty folder to export to: a new one, or an earlier export with the files it wrote removed. A folder holding
-    anything else is refused: an export never deletes what it did not write."""
+def check_folder(out: Path):
+    """Refuse a folder that an export must not write into: a file, or a folder holding anything but an export of
+    ours (an export never deletes what it did not write)."""
     if out.exists() and not out.is_dir():
         raise UserError(f'--out {out} is a file, not a folder')
-    if out.is_dir() and any(out.iterdir()):
-        if not is_export(out):
-            raise UserError(f'--out {out} is not empty and not an export of tools/export.py (no config.json of ours): '
-                            'nothing there is replaced; pick another folder')
-        for path in (out / name for name in EXPORT_FILES):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not is_export(out):
+        raise UserError(f'--out {out} is not empty and not an export of tools/export.py (no config.json of ours): '
+                        'nothing there is replaced; pick another folder')
+
+
+def clear_earlier_export(out: Path):
+    """Remove the files an earlier export wrote (a model.onnx of other weights must not stay); others stay."""
+    for path in (out / name for name in EXPORT_FILES):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def check_onnx_packages():
@@ -193,6 +195,7 @@ def export_onnx(model: torch.nn.Module, data_cfg: dict, path: Path) -> str:
 
 def export(args) -> Path:
     out = Path(args.out)
+    check_folder(out)
     if args.onnx:
         check_onnx_packages()
     classifier, state, weights = checkpoint_classifier(args.checkpoint, args.weights)
@@ -200,7 +203,8 @@ def export(args) -> Path:
     architecture = model.pretrained_cfg['architecture']
     own_architecture = type(model).__module__.split('.')[0] == 'model_defs'
     run_dir = Path(args.checkpoint).resolve().parent
-    prepare_folder(out)
+    clear_earlier_export(out)
+    out.mkdir(parents=True, exist_ok=True)
     export_info = dict(tool=MARKER, checkpoint=str(args.checkpoint), weights=weights, epoch=state.get('epoch'))
     labels = dict(label_names=classifier.label_names)
     if classifier.label_descriptions:

@@ -139,3 +139,16 @@ def test_onnx_export_gives_pytorchs_outputs(trained, tmp_path):
         expected = checkpoint_model(trained / 'last.pth.tar', 'raw')(images)
     found = torch.from_numpy(session.run(None, {'image': images.numpy()})[0])
     assert torch.allclose(found, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_imagenet_export_names_its_classes_by_timms_synset_table(tmp_path):
+    model = timm.create_model('resnet50_custom', num_classes=1000)
+    state = {'state_dict': model.state_dict(), 'config': {'model': 'resnet50_custom', 'img_size': 32},
+             'data': {'classes': 1000}, 'epoch': 0}
+    torch.save(state, tmp_path / 'imagenet.pth.tar')
+    out = tmp_path / 'out'
+    assert export.main(['--checkpoint', str(tmp_path / 'imagenet.pth.tar'), '--out', str(out)]) == 0
+    loaded = Classifier.from_export(out)
+    assert loaded.label_names[:2] == ['n01440764', 'n01443537']
+    assert loaded.class_name(1) == 'goldfish, Carassius auratus'
+    assert '\ndatasets: [imagenet-1k]\n' in (out / 'README.md').read_text()

@@ -10,7 +10,6 @@ import validate
 from tools import predict
 from training import checkpoint
 from training.data import create_eval_loader, data_config, open_image_folder
-from training.distributed import Processes
 
 from conftest import run_train
 

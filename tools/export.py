@@ -118,51 +118,57 @@ def data_lines(state: dict, config: dict) -> list:
             f"{data.get('train_images')} training and {data.get('val_images')} validation images)"]
 
 
+def card_header(title: str, imagenet: bool) -> list:
+    """YAML metadata: the Hub's model card fields, and the Space's (sdk, its version, the app file)."""
+    return ['---', f'title: {title}', 'sdk: gradio', f'sdk_version: {gradio_version()}', 'app_file: app.py',
+            'library_name: timm', 'pipeline_tag: image-classification', 'tags: [image-classification, timm]',
+            *(['datasets: [imagenet-1k]'] if imagenet else []), '---', '']
+
+
+def card_facts(state: dict, weights: str, data_cfg: dict, run_dir: Path) -> list:
+    config, versions, epoch = state.get('config') or {}, state.get('versions') or {}, state.get('epoch')
+    top1 = logged_top1(run_dir, epoch, weights)
+    top1 = (f"{top1:.2f} % ({weights} weights, validation set, from the run's summary.csv)" if top1 is not None
+            else f'not available (no summary.csv next to the checkpoint with a row for epoch {epoch})')
+    return [
+        f'- recipe: {config.get("recipe") or "none (options on the command line)"}',
+        f'- top-1: {top1}',
+        *data_lines(state, config),
+        f"- commit: {versions.get('git') or 'not recorded'}",
+        f"- evaluation: {data_cfg['input_size'][-1]} px, crop_pct {data_cfg['crop_pct']}, "
+        f"{data_cfg['interpolation']} interpolation, mean {tuple(data_cfg['mean'])}, std {tuple(data_cfg['std'])}",
+        f"- versions: torch {versions.get('torch')}, timm {versions.get('timm')}",
+        '',
+    ]
+
+
+def card_usage(own_architecture: bool) -> list:
+    return ['## Use it', '', '```python', 'import timm',
+            *(['import model_defs  # this architecture is defined in model_defs/, next to this file']
+              if own_architecture else []),
+            "model = timm.create_model('local-dir:PATH_TO_THIS_FOLDER', pretrained=True).eval()  "
+            "# or 'hf-hub:USER/REPO'",
+            'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))',
+            '```', '',
+            'Web demo: `pip install -r requirements.txt && python app.py` (a Gradio app; as a Hugging Face Space it '
+            'runs from this folder as it is).', '']
+
+
 def model_card(state: dict, weights: str, data_cfg: dict, run_dir: Path, architecture: str, imagenet: bool,
                own_architecture: bool) -> str:
     """README.md: the Hub's model card, whose YAML header also configures a Gradio Space."""
-    config = state.get('config') or {}
-    recipe = config.get('recipe') or 'none (options on the command line)'
-    top1 = logged_top1(run_dir, state.get('epoch'), weights)
-    commit = (state.get('versions') or {}).get('git') or 'not recorded'
-    command = replay_command(run_dir)
-    title = f"{architecture} {config.get('experiment') or ''}".strip()
-    header = ['---', f'title: {title}', 'sdk: gradio', f'sdk_version: {gradio_version()}', 'app_file: app.py',
-              'library_name: timm', 'pipeline_tag: image-classification', 'tags: [image-classification, timm]',
-              *(['datasets: [imagenet-1k]'] if imagenet else []), '---']
-    size = data_cfg['input_size'][-1]
-    lines = [
+    title = f"{architecture} {(state.get('config') or {}).get('experiment') or ''}".strip()
+    lines = card_header(title, imagenet) + [
         f'# {title}', '',
         f"{architecture}, trained with this repository's train.py; {weights} weights of epoch {state.get('epoch')}.",
-        '',
-        f'- recipe: {recipe}',
-        f"- top-1: {f'{top1:.2f} %' if top1 is not None else 'not available'} "
-        f"({weights} weights, validation set, from the run's summary.csv)",
-        *data_lines(state, config),
-        f'- commit: {commit}',
-        f"- evaluation: {size} px, crop_pct {data_cfg['crop_pct']}, {data_cfg['interpolation']} interpolation, "
-        f"mean {tuple(data_cfg['mean'])}, std {tuple(data_cfg['std'])}",
-        f"- versions: torch {(state.get('versions') or {}).get('torch')}, timm {(state.get('versions') or {}).get('timm')}",
-        '',
-    ]
+        '', *card_facts(state, weights, data_cfg, run_dir)]
     if (run_dir / 'curves.png').is_file():
         lines += ['## Training curves', '', '![training curves](curves.png)', '']
+    command = replay_command(run_dir)
     lines += ['## Train it again', '']
-    if command:
-        lines += ['From the run folder (train_config.yaml here is a copy of its config.yaml):', '', f'    {command}', '']
-    else:
-        lines += ['not available: the run folder held no config.yaml', '']
-    lines += ['## Use it', '',
-              '```python',
-              'import timm',
-              *(['import model_defs  # this architecture is defined in model_defs/, next to this file']
-                if own_architecture else []),
-              "model = timm.create_model('local-dir:PATH_TO_THIS_FOLDER', pretrained=True).eval()  # or 'hf-hub:USER/REPO'",
-              'transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))',
-              '```', '',
-              'Web demo: `pip install -r requirements.txt && python app.py` (a Gradio app; as a Hugging Face Space it '
-              'runs from this folder as it is).', '']
-    return '\n'.join(header + [''] + lines)
+    lines += (['From the run folder (train_config.yaml here is a copy of its config.yaml):', '', f'    {command}', '']
+              if command else ['not available: the run folder held no config.yaml', ''])
+    return '\n'.join(lines + card_usage(own_architecture))
 
 
 def copy_demo(out: Path, own_architecture: bool):

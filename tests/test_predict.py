@@ -54,11 +54,12 @@ def test_predictions_equal_validate_pipeline_outputs_with_class_folder_names(tra
     # not the weights that predict takes by default (those that earned the checkpoint its metric): --weights is obeyed
     weights = {'raw': 'ema', 'ema': 'raw'}[checkpoint.load(trained / 'last.pth.tar')['metric_weights']]
     out = tmp_path / 'p.json'
+    folders = [str(shapes / 'val' / name) for name in ('circle', 'square')]
     assert run_predict('--checkpoint', str(trained / 'last.pth.tar'), '--weights', weights, '--top-k', '3',
-                       '-b', '4', '--json', str(out), str(shapes / 'val')) == 0
+                       '-b', '4', '--json', str(out), *folders) == 0
     found = predictions(out)
     reference = validation_probs(trained / 'last.pth.tar', weights, shapes)
-    assert found.keys() == reference.keys() and len(found) == 50
+    assert len(found) == 10 and set(found) <= set(reference)
     names = sorted(p.name for p in (shapes / 'train').iterdir())
     for path, top in found.items():
         values, indices = reference[path].topk(3)

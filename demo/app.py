@@ -55,6 +55,6 @@ def build_app(classifier: Classifier, title: str) -> gr.Blocks:
 
 
 if __name__ == '__main__':
-    folder = model_folder()
-    classifier = load(folder)
-    build_app(classifier, f"{classifier.model.pretrained_cfg['architecture']} ({folder.name})").launch()
+    classifier = load(model_folder())
+    cfg = classifier.model.pretrained_cfg  # its tag is the name of the run the export came from
+    build_app(classifier, f"{cfg['architecture']} ({cfg.get('tag') or 'exported'})").launch()

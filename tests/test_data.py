@@ -2,11 +2,14 @@ from collections import Counter
 
 import pytest
 import torch
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import ColorJitter, Compose, InterpolationMode, RandomHorizontalFlip, TrivialAugmentWide
 
 import train
 from training.config import UserError, parse_config
 from training.data import (BatchLayout, EvalBatchSampler, SeededSamples, TrainBatchSampler, create_train_loader,
                            open_image_folder)
+from training.images import DecodeRGB, DraftRandomResizedCrop
 
 
 def flat(batches) -> list:
@@ -154,9 +157,61 @@ def test_cosine_schedule_with_warmup_is_a_function_of_the_step():
     assert lr_at(35) == lr_at(35)  # no hidden state: the same step gives the same lr
 
 
-def test_an_unknown_auto_augment_policy_is_a_clear_error(shapes):
-    config = parse_config(['--img-size', '32', '--auto-augment', 'trivialaugment'])
-    with pytest.raises(UserError, match="augmentation settings refused by timm .*'trivialaugment'"):
+@pytest.mark.parametrize('policy', ['trivialaugment', 'ta-wide'])
+def test_an_unknown_auto_augment_policy_is_a_clear_error(shapes, policy):
+    config = parse_config(['--img-size', '32', '--auto-augment', policy])
+    with pytest.raises(UserError, match=f"augmentation settings refused by timm .*'{policy}'") as error:
         create_train_loader(open_image_folder(shapes, 'train'), config, dict(
             input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3),
             BatchLayout.create(8, 1, None), 0, torch.device('cpu'))
+    assert '\n' not in str(error.value)
+
+
+def augmented_train_set(shapes, *args: str, interpolation: str = 'bilinear'):
+    """The shapes' training set with the training transform of these options, at 32 px."""
+    dataset = open_image_folder(shapes, 'train')
+    create_train_loader(dataset, parse_config(['--img-size', '32', '-j', '0', *args]),
+                        dict(input_size=(3, 32, 32), interpolation=interpolation, mean=(0.5,) * 3, std=(0.25,) * 3),
+                        BatchLayout.create(8, 1, None), 0, torch.device('cpu'))
+    return dataset
+
+
+def augmenting_steps(transform) -> list:
+    """The steps of a (nested) Compose after the image is decoded."""
+    if isinstance(transform, Compose):
+        return [step for t in transform.transforms for step in augmenting_steps(t)]
+    return [] if isinstance(transform, DecodeRGB) else [transform]
+
+
+@pytest.mark.parametrize('interpolation, draft, crop', [
+    ('bilinear', '--jpeg-draft', DraftRandomResizedCrop),
+    ('bicubic', '--no-jpeg-draft', RandomResizedCropAndInterpolation)])
+def test_ta_wide_is_torchvisions_trivial_augment_wide_at_the_training_interpolation_without_jitter(
+        shapes, interpolation, draft, crop):
+    dataset = augmented_train_set(shapes, '--auto-augment', 'ta_wide', '--color-jitter', '0.4', draft,
+                                  interpolation=interpolation)
+    steps = augmenting_steps(dataset.transform)
+    assert [type(t) for t in steps[:3]] == [crop, RandomHorizontalFlip, TrivialAugmentWide]
+    assert steps[2].interpolation == InterpolationMode(interpolation)
+    assert not any(isinstance(t, ColorJitter) for t in steps)
+
+
+def test_ta_wide_augmentation_depends_on_its_seed_only(shapes):
+    seeded = SeededSamples(augmented_train_set(shapes, '--auto-augment', 'ta_wide'))
+    plain = SeededSamples(augmented_train_set(shapes, '--color-jitter', '0'))
+    items = [(index, 1000 + index) for index in range(8)]
+    first = [seeded[item][0] for item in items]
+    seeded[(9, 9)]
+    assert all(torch.equal(seeded[item][0], x) for item, x in zip(items, first))
+    assert not any(torch.equal(seeded[(index, seed + 1)][0], x) for (index, seed), x in zip(items, first))
+    # the same crops and flips without it: TrivialAugmentWide changed some of them
+    assert not all(torch.equal(plain[item][0], x) for item, x in zip(items, first))
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--decode', 'gpu'], 'decode: gpu cannot apply auto_augment'),
+    (['--train-interpolation', 'random'], 'auto_augment ta_wide rotates and shears at one interpolation')])
+def test_ta_wide_settings_it_cannot_run_with_are_refused_in_one_line(args, message):
+    with pytest.raises(UserError, match=message) as error:
+        parse_config(['--auto-augment', 'ta_wide', *args])
+    assert '\n' not in str(error.value)

@@ -286,10 +286,11 @@ def test_more_bad_files_than_max_bad_images_stop_the_run_in_one_line(tmp_path):
     assert '\n' not in str(error.value)
 
 
-def test_auto_augment_is_refused_in_one_line(tmp_path):
-    config = train_config('--auto-augment', 'rand-m9-mstd0.5-inc1')
+@pytest.mark.parametrize('policy', ['rand-m9-mstd0.5-inc1', 'ta_wide'])
+def test_auto_augment_is_refused_in_one_line(tmp_path, policy):
+    config = train_config('--auto-augment', policy)
     sampler = TrainBatchSampler(8, BatchLayout.create(8, 1, None), rank=0, seed=0)
-    with pytest.raises(UserError, match="decode: gpu cannot apply auto_augment 'rand-m9-mstd0.5-inc1'") as error:
+    with pytest.raises(UserError, match=f"decode: gpu cannot apply auto_augment '{policy}'") as error:
         create_gpu_train_loader(photos(tmp_path, [(32, 32)] * 8), config, data_cfg(), sampler, CPU)
     assert '\n' not in str(error.value)
 

@@ -8,6 +8,7 @@ Sources, cited beside each value below:
   RSBCMD   timm train.py commands of RSB A2 published with derived work (ML-Decoder, spatial-bias READMEs).
   TV2      pytorch/vision issue 3995 (the recipe of ResNet50_Weights.IMAGENET1K_V2) and references/classification
            train.py; pytorch.org blog "How to Train State-Of-The-Art Models Using TorchVision's Latest Primitives".
+  TV2CMD   pytorch/vision references/classification README: the resnet50 v2 command.
   TVW      torchvision.models.ResNet50_Weights.IMAGENET1K_V2 metadata (torchvision 0.29.1).
   FFCV     libffcv/ffcv-imagenet rn50_configs/rn50_<epochs>_epochs.yaml; FFCVPY: its train_imagenet.py;
            FFCVRM: its README results table.
@@ -85,6 +86,7 @@ def tv2():
         'cutmix': 1.0,                             # TV2 --cutmix-alpha 1.0
         'mixup_prob': 1.0,                         # TV2 RandomChoice([RandomMixup(p=1.0), RandomCutmix(p=1.0)])
         'mixup_switch_prob': 0.5,                  # TV2 same
+        'auto_augment': 'ta_wide',                 # TV2CMD --auto-augment ta_wide (TrivialAugmentWide)
         're_prob': 0.1,                            # TV2 --random-erase 0.1
         're_mode': 'const',                        # TV2 RandomErasing(value=0) after Normalize: the mean colour
         'aug_repeats': 4,                          # TV2 --ra-sampler --ra-reps 4
@@ -98,7 +100,7 @@ def tv2():
         'val_img_size': 224,                       # TV2 --val-crop-size 224
         'crop_pct': 224 / 232,                     # TV2 --val-resize-size 232
         'interpolation': 'bilinear',               # TV2 --interpolation default bilinear
-        'decode': 'cpu',                           # the TrivialAugment stand-in exists only as PIL operations
+        'decode': 'cpu',                           # TrivialAugmentWide exists only as PIL operations here
         'max_batch_per_device': 512,               # ours: fits one 80 GB GPU at 176 px
     }
 

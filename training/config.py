@@ -142,6 +142,10 @@ def _grouped(*items) -> tuple:
     return tuple(options)
 
 
+# auto_augment's one value that is not a timm string: torchvision's TrivialAugmentWide, named as torchvision's
+# references name it (train.py --auto-augment ta_wide)
+TA_WIDE = 'ta_wide'
+
 OPTIONS = _grouped(
     'data',
     Option('data_dir', None, text, 'dataset root holding train/ and val/ (default: $IMAGENET_DIR, else data/imagenet)',
@@ -201,8 +205,8 @@ OPTIONS = _grouped(
     Option('vflip', 0.0, fraction, 'vertical flip probability'),
     Option('color_jitter', 0.4, number_or_list, 'colour jitter strength, or [brightness, contrast, saturation, hue]'),
     Option('auto_augment', None, text, "timm auto-augment string: 'rand-m9-mstd0.5-inc1' (RandAugment), "
-           "'rand-n1-m10-mstd101-inc1-p1.0' (TrivialAugment-like), 'original' (AutoAugment); turns colour jitter off",
-           optional=True),
+           "'rand-n1-m10-mstd101-inc1-p1.0' (TrivialAugment-like), 'original' (AutoAugment); or 'ta_wide': "
+           "torchvision's TrivialAugmentWide at the training interpolation; turns colour jitter off", optional=True),
     Option('re_prob', 0.0, fraction, 'random erasing probability'),
     Option('re_mode', 'pixel', text, 'random erasing fill', choices=('pixel', 'rand', 'const')),
     Option('re_count', 1, positive(integer), 'random erasing regions per image'),
@@ -599,6 +603,9 @@ def validate(config: dict):
     require(not (config['decode'] == 'gpu' and config['auto_augment']),
             'decode: gpu cannot apply auto_augment (RandAugment, TrivialAugment and AutoAugment exist only as PIL '
             'operations): use decode: cpu, or drop auto_augment')
+    require(not (config['auto_augment'] == TA_WIDE and config['train_interpolation'] == 'random'),
+            'auto_augment ta_wide rotates and shears at one interpolation: set train_interpolation to bilinear, '
+            'bicubic or nearest, not random')
     require(config['cpu_decode_share'] == 0 or config['decode'] == 'gpu',
             'cpu_decode_share splits the decoding of decode: gpu (with decode: cpu the workers decode every image)')
 

@@ -24,9 +24,11 @@ import torch.utils.data
 from timm.data import create_dataset, create_transform, resolve_data_config
 from timm.data.loader import PrefetchLoader, fast_collate
 from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode, TrivialAugmentWide
 
 from . import builtin_data
-from .config import UserError
+from .config import TA_WIDE, UserError
 from .images import CheckedLoader, LazyImageFolder, seed_sample, with_draft_crop
 
 _logger = logging.getLogger(__name__)
@@ -474,24 +476,36 @@ def _sized_train_transform(config: dict, data_cfg: dict, size: int):
 
 
 def _train_transform(config: dict, data_cfg: dict):
-    """timm's training transform for these settings, as create_loader() builds it; with jpeg_draft, its random
+    """timm's training transform for these settings, as create_loader() builds it, or with torchvision's
+    TrivialAugmentWide in place of timm's auto-augment for `auto_augment: ta_wide`; with jpeg_draft, its random
     resized crop decodes JPEGs at reduced size where the crop allows (see training/images.py)."""
-    transform = create_transform(
+    ta_wide = config['auto_augment'] == TA_WIDE
+    crop_and_flips, augment, to_tensor = create_transform(
         data_cfg['input_size'],
         is_training=True,
         scale=tuple(config['scale']),
         ratio=tuple(config['ratio']),
         hflip=config['hflip'],
         vflip=config['vflip'],
-        color_jitter=config['color_jitter'],
-        auto_augment=config['auto_augment'],
+        color_jitter=None if ta_wide else config['color_jitter'],  # timm turns it off for its own auto-augment too
+        auto_augment=None if ta_wide else config['auto_augment'],
         interpolation=data_cfg['interpolation'],
         mean=data_cfg['mean'],
         std=data_cfg['std'],
         re_prob=0.0,  # applied per step by create_random_erasing(), see there
         use_prefetcher=True,  # uint8 images: the PrefetchLoader normalises them on the device
+        separate=True,
     )
+    augment = [trivial_augment_wide(data_cfg['interpolation'])] if ta_wide else augment.transforms
+    transform = transforms.Compose(crop_and_flips.transforms + augment + to_tensor.transforms)
     return with_draft_crop(transform) if config['jpeg_draft'] else transform
+
+
+def trivial_augment_wide(interpolation: str) -> TrivialAugmentWide:
+    """torchvision's TrivialAugmentWide, which timm's auto-augment strings do not offer. Its rotations and shears use
+    the training interpolation, as torchvision's reference recipe passes it (the class's own default is nearest).
+    It draws its op and magnitude from torch's global generator, which seed_sample() seeds for each sample."""
+    return TrivialAugmentWide(interpolation=InterpolationMode(interpolation))
 
 
 def create_eval_loader(dataset, data_cfg: dict, batch_size: int, workers: int, device, rank: int = 0,

@@ -61,6 +61,18 @@ def test_pipeline_table_has_a_speed_in_every_row(jpegs, tmp_path, one_thread):
     assert table['train.py, decode cpu'][3].endswith('%')  # its data-wait share
 
 
+def test_workers_table_gives_each_loaders_images_per_cpu_second(jpegs, tmp_path, one_thread):
+    out = tmp_path / 'workers.md'
+    assert benchmark.main(['workers', '--data', str(jpegs), '--sizes', '32', '-b', '4', '-j', '1', '--batches', '2',
+                           '--repeats', '1', '--out', str(out)]) == 0
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.read_text().splitlines()
+            if line.startswith('| ') and not line.startswith('| loader |')]
+    assert [row[0] for row in rows] == ["timm's create_loader", 'ours, decode cpu, jpeg_draft off',
+                                        'ours, decode cpu, jpeg_draft on', 'ours, decode gpu, workers only',
+                                        'ours, decode gpu, cpu_decode_share 1, workers only']
+    assert all(float(row[2].replace(',', '')) > 0 for row in rows) and rows[0][3] == '1.00x'
+
+
 def test_step_lines_of_train_py_are_parsed():
     line = step_line(dict(epoch=0, step=12, steps_per_epoch=84, loss=6.9, lr=0.1, img_per_sec=1543.6, data_wait=0.27,
                           eta_epoch=30, eta_run=3000))

@@ -589,6 +589,71 @@ def vs_timm(args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# workers: the CPU time each loader's workers spend per image, whatever else the machine is doing
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_cost(make_loader, batches: int) -> float:
+    """Images per CPU-second of a DataLoader's workers over `batches` batches: they are started for it and joined
+    after it, so that their CPU time (user and system) is all counted, and none of the main process's."""
+    loader = make_loader()
+    before, images = children_cpu(), 0
+    iterator = iter(loader)
+    for _ in range(batches):
+        images += len(next(iterator)[-1])  # labels, or the files read (decode: gpu)
+    del iterator  # joins the workers: their CPU time is counted once they are reaped
+    gc.collect()
+    return images / (children_cpu() - before)
+
+
+def plain_loader(loader):
+    """The DataLoader under timm's PrefetchLoader or our CheckedLoader (for decode: gpu, the workers' side only),
+    with workers that end with each pass."""
+    inner = loader.loader
+    return torch.utils.data.DataLoader(inner.dataset, batch_sampler=inner.batch_sampler, num_workers=inner.num_workers,
+                                       collate_fn=inner.collate_fn, worker_init_fn=inner.worker_init_fn)
+
+
+def workers(args):
+    """Images per CPU-second of the loader workers at each size: timm's create_loader, ours with decode: cpu
+    (jpeg_draft off and on), and the workers' side of decode: gpu (the device's work is not in it) with cpu_decode_share
+    0 and 1 (the workers decode and crop every image; the device flips, jitters and normalises)."""
+    data = Path(args.data) if args.data else imagenet_like(args.cache, args.images)
+    device = torch.device('cpu')
+    rows = []
+    for size in args.sizes:
+        args.img_size = size
+        config = recipe_config(data, args, device)
+        data_cfg = data_config(config, create_model(config['model']), size)
+        loaders = {
+            "timm's create_loader": lambda: plain_loader(timm_loader(config, data_cfg, device)),
+            'ours, decode cpu, jpeg_draft off': lambda: plain_loader(
+                our_loader(recipe_config(data, args, device, '--no-jpeg-draft'), data_cfg, device)),
+            'ours, decode cpu, jpeg_draft on': lambda: plain_loader(our_loader(config, data_cfg, device)),
+            'ours, decode gpu, workers only': lambda: plain_loader(
+                our_loader(recipe_config(data, args, device, '--decode', 'gpu'), data_cfg, device)),
+            'ours, decode gpu, cpu_decode_share 1, workers only': lambda: plain_loader(our_loader(
+                recipe_config(data, args, device, '--decode', 'gpu', '--cpu-decode-share', '1'), data_cfg, device)),
+        }
+        results = {what: max(worker_cost(make, args.batches) for _ in range(args.repeats))
+                   for what, make in loaders.items()}
+        timm_rate = results["timm's create_loader"]
+        rows += [f'| {what} | {size} | {rate:,.0f} | {rate / timm_rate:.2f}x |' for what, rate in results.items()]
+        print(rows[-1], flush=True)
+    text = '\n'.join([
+        f'## Loader workers: images per CPU-second, {args.workers} workers, batch {args.batch_size}, '
+        f'best of {args.repeats}', '', f'{machine(device)}. Data: {data}. Recipe: {RECIPE.relative_to(REPO)}.', '',
+        '| loader | px | images per CPU-second | vs timm |', '|---|---:|---:|---:|', *rows])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + '\n')
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # checkpoint and SIGTERM timings
 
 
@@ -668,6 +733,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--output', help='keep logs and run folders here (default: a new temp folder)')
     p.add_argument('--out', help='also write the table to this markdown file')
+    p = sub.add_parser('workers', help="CPU time per image of each loader's workers (timm's and ours)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument('--data', help='an ImageNet-like folder with train/ and val/ (default: generated)')
+    source.add_argument('--images', type=int, default=512, help='training images to generate')
+    p.add_argument('--cache', type=Path, default=DEFAULT_CACHE)
+    p.add_argument('--sizes', type=int, nargs='+', default=[160, 224])
+    p.add_argument('-b', '--batch-size', type=int, default=32)
+    p.add_argument('-j', '--workers', type=int, default=2)
+    p.add_argument('--batches', type=int, default=12, help='batches timed per measurement')
+    p.add_argument('--repeats', type=int, default=3, help='measurements per loader: the best counts')
+    p.add_argument('--out', help='also write the table to this markdown file')
     p = sub.add_parser('checkpoint', help='size and write/load time of a checkpoint')
     p.add_argument('--dir', default=None, help='where to write (default: the temp folder)')
     p = sub.add_parser('sigterm', help='SIGTERM to exit, with a recovery save')
@@ -687,7 +763,7 @@ def check_counts(args):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {'pipeline': pipeline, 'jpegs': jpegs, 'vs-timm': vs_timm, 'checkpoint': checkpoint,
+    commands = {'pipeline': pipeline, 'jpegs': jpegs, 'vs-timm': vs_timm, 'workers': workers, 'checkpoint': checkpoint,
                 'sigterm': sigterm}
     try:
         check_counts(args)

@@ -192,6 +192,8 @@ def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: to
 class Checkpoints:
     """Saves the run's state (on rank 0) and remembers what was saved.
 
+    A save takes a snapshot of the state (a CPU copy of the weights and optimizer) and writes it in the background
+    while training goes on; the next save and the run's end wait for it, so the run's end knows what was saved.
     A save that fails (disk full, permissions) is logged and training goes on: the next save may succeed, and a
     spot VM's time is not wasted. The run's end says when its newest state is not saved (exit code 74).
     """
@@ -206,19 +208,20 @@ class Checkpoints:
         self.last_time = time.monotonic()
         self.saved = None  # the newest state this process saved, in words
         self.unsaved = None  # why the newest state could not be saved; None once a save succeeds
+        self.writing = checkpoint.BackgroundSave()  # rank 0's save in flight
+        self.pending = None  # what the save in flight saves, in words, on every process
 
     def epoch_end(self, progress: Progress, metric: float, metric_weights: str):
         epoch = progress.epoch - 1
         self.metric_weights = metric_weights
-        state = self.run_state(progress)
-        self._save(f'the epoch {epoch} checkpoint', lambda: self.saver.save_epoch(epoch, metric, state))
+        self._save(f'the epoch {epoch} checkpoint', progress, lambda state: self.saver.save_epoch(epoch, metric, state))
 
     def mid_epoch(self, progress: Progress):
         name = f'recovery-{progress.epoch}-{progress.step}'
         _logger.info(f'Saving recovery checkpoint {name}')
-        state = self.run_state(progress)
-        self._save(f'recovery checkpoint {name}',
-                   lambda: self.saver.save_mid_epoch(progress.epoch, progress.step, state))
+        epoch, step = progress.epoch, progress.step
+        self._save(f'recovery checkpoint {name}', progress,
+                   lambda state: self.saver.save_mid_epoch(epoch, step, state))
 
     def run_state(self, progress: Progress) -> dict:
         """What a checkpoint holds besides timm's fields, as plain types."""
@@ -227,21 +230,37 @@ class Checkpoints:
                     world_size=self.procs.world_size, metric_weights=self.metric_weights,
                     wandb_run_id=self.wandb_run_id)
 
-    def _save(self, what: str, write):
-        error = None
+    def _save(self, what: str, progress: Progress, write):
+        """Snapshot the state now and write(state) it in the background, after the previous save has finished."""
+        self.wait()
         if self.procs.is_primary:
-            try:
-                write()
-            except (OSError, RuntimeError) as e:
-                error = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-                _logger.error(f'ERROR: could not save {what} ({error}); training continues. The newest saved state '
-                              f'is {self.saved or "none: nothing has been saved yet"}')
-        error = distributed.broadcast_object(error, self.procs)
+            state = dict(self.saver.snapshot(), **self.run_state(progress))
+            self.writing.start(lambda: self._write(what, write, state))
+        self.pending = what
         self.last_time = time.monotonic()
+
+    def _write(self, what: str, write, state: dict) -> Optional[str]:
+        """In the background: write the state; returns why it could not be (None: saved)."""
+        try:
+            write(state)
+            return None
+        except (OSError, RuntimeError) as e:
+            error = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            _logger.error(f'ERROR: could not save {what} ({error}); training continues. The newest saved state '
+                          f'is {self.saved or "none: nothing has been saved yet"}')
+            return error
+
+    def wait(self):
+        """Wait for the save in flight; its outcome, shared by every process, updates `saved` and `unsaved`."""
+        if self.pending is None:
+            return
+        error = self.writing.wait() if self.procs.is_primary else None
+        error = distributed.broadcast_object(error, self.procs)
         if error is None:
-            self.saved, self.unsaved = what, None
+            self.saved, self.unsaved = self.pending, None
         else:
             self.unsaved = error
+        self.pending = None
 
 
 def recovery_due(config: dict, progress: Progress, last_save: float) -> bool:
@@ -422,6 +441,7 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         reporter.best(config['eval_metric'], *reporting.best_of(progress.history, config['eval_metric']))
         if stop.agreed()[0]:
             raise Interrupted()
+    checkpoints.wait()
     if checkpoints.unsaved:
         _logger.error(f'ERROR: training finished, but its final state was not saved ({checkpoints.unsaved}); the '
                       f'newest saved state is {checkpoints.saved or "none"}. Free space and run the same command '
@@ -543,6 +563,7 @@ def train(config: dict, procs: Processes) -> int:
     try:
         return fit(config, procs, layout, t, loaders, progress, checkpoints, reporter, stop)
     except Interrupted:
+        checkpoints.wait()
         if checkpoints.unsaved:
             _logger.error(f'ERROR: interrupted, and the state could not be saved ({checkpoints.unsaved}); the newest '
                           f'saved state is {checkpoints.saved or "none"}')
@@ -554,6 +575,7 @@ def train(config: dict, procs: Processes) -> int:
         stop.uninstall()
         loaders.train.close()
         loaders.val.close()
+        checkpoints.writing.wait()  # a crash too lets the save in flight finish, in the locked run folder
         if lock is not None:
             lock.close()
 

@@ -163,6 +163,28 @@ def test_every_run_folder_gets_curves_png(two_runs):
         assert len(set(image.convert('L').getdata())) > 10  # drawn, not blank
 
 
+def test_curves_are_redrawn_at_most_once_a_minute_and_the_newest_rows_at_the_end(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(reporting, 'plot_runs', lambda runs, path: drawn.append([r['epoch'] for r in runs['run']]))
+    reporter = reporting.Reporter(tmp_path / 'run', True, reporting.TerminalProgress(wanted=False), epochs=4)
+    reporter.run_dir.mkdir()
+    rows = [dict(epoch=i, val_top1=10.0 * i) for i in range(4)]
+    for epoch in range(3):
+        reporter.files(rows[:epoch + 1])
+    reporter.wait_for_plot()
+    assert drawn == [[0]]  # epochs 1 and 2 came within the minute
+    assert [r['epoch'] for r in summary(reporter.run_dir)] == [0, 1, 2]  # summary.csv is rewritten every epoch
+    reporter.plotted_at -= reporting.CURVES_INTERVAL
+    reporter.files(rows)
+    reporter.finish()
+    assert drawn == [[0], [0, 1, 2, 3]]  # nothing left to draw at the end
+    reporter = reporting.Reporter(tmp_path / 'run', True, reporting.TerminalProgress(wanted=False), epochs=4)
+    reporter.files(rows[:3])
+    reporter.files(rows)
+    reporter.finish()
+    assert drawn[2:] == [[0, 1, 2], [0, 1, 2, 3]]
+
+
 def test_compare_prints_the_numbers_of_summary_csv_and_the_differing_settings(two_runs, tmp_path, capsys):
     still_going = tmp_path / 'still_going'
     still_going.mkdir()

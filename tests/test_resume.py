@@ -263,3 +263,49 @@ def test_the_gpu_decoding_path_resumes_exactly_too(shapes, tmp_path):
     rc, log = run_until(shapes, tmp_path, None, None, *gpu)
     assert rc == 0 and re.search(r'Resuming \S+recovery-0-\d.pth.tar', log), log
     assert_same_run(tmp_path / 'run', tmp_path / 'reference' / 'run')
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_snapshot(tmp_path):
+    """Training goes on while a checkpoint is written: the file holds the weights, EMA and optimizer state of the
+    moment the save was asked for, not what the steps since changed in place."""
+    import copy
+    from timm.utils import ModelEmaV3
+    from training.checkpoint import BackgroundSave, RunCheckpointSaver
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ema = ModelEmaV3(model, decay=0.5)
+
+    def train_step():
+        model(torch.randn(8, 4)).square().sum().backward()
+        optimizer.step()
+        ema.update(model)
+    train_step()
+    saver = RunCheckpointSaver(model, optimizer, model_ema=ema, checkpoint_dir=str(tmp_path),
+                               recovery_dir=str(tmp_path))
+    expected = copy.deepcopy(dict(model=model.state_dict(), ema=ema.module.state_dict(),
+                                  optimizer=optimizer.state_dict()))
+    state = dict(saver.snapshot(), config={'model': 'tiny'}, progress={'epoch': 1, 'step': 0})
+    train_step()  # before the write starts: only a copy keeps the snapshot's values
+    writing = BackgroundSave()
+    writing.start(lambda: saver.save_epoch(0, 50.0, state))
+    assert writing.wait() is None
+    saved = load(tmp_path / 'last.pth.tar')
+    assert_same_weights(saved['state_dict'], expected['model'])
+    assert_same_weights(saved['state_dict_ema'], expected['ema'])
+    for i, moments in expected['optimizer']['state'].items():
+        assert_same_weights(saved['optimizer']['state'][i], moments)
+    assert not torch.equal(saved['state_dict']['0.weight'], model.state_dict()['0.weight'])
+    assert saved['state_dict']._metadata == model.state_dict()._metadata  # BatchNorm's state-dict version
+
+
+def test_a_background_save_hands_its_result_and_its_bug_to_the_training_thread():
+    from training.checkpoint import BackgroundSave
+
+    writing = BackgroundSave()
+    assert writing.wait() is None  # nothing in flight
+    writing.start(lambda: 'disk full')
+    assert writing.wait() == 'disk full'
+    writing.start(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        writing.wait()

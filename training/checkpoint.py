@@ -313,6 +313,9 @@ def check_compatible(state: dict, path, model_name: str, num_classes: int):
     """Stop with one line when a checkpoint cannot hold this run's model."""
     if 'progress' not in state:
         raise UserError(f'{path} holds weights but no training state to resume; use --initial-checkpoint')
+    if not isinstance(state.get('data'), dict) or 'classes' not in state['data']:
+        raise UserError(f'{path} is not a checkpoint of train.py (it holds no record of its data); move it out of '
+                        'the run folder, or use --initial-checkpoint')
     arch, classes = state.get('arch'), state['data']['classes']
     if (arch != model_name) or (classes != num_classes):
         raise UserError(f'{path} holds {arch} with {classes} classes; this run trains {model_name} with '

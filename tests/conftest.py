@@ -56,3 +56,14 @@ def assert_same_weights(a: dict, b: dict):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def lr_schedule(config: dict, steps_per_epoch: int):
+    """step -> the lr of that optimizer step under the run's scheduler, as train() and the loop set it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config['lr'])
+    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch)
+
+    def lr_at(step: int) -> float:
+        scheduler.step_update(num_updates=step)
+        return optimizer.param_groups[0]['lr']
+    return lr_at

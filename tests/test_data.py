@@ -11,6 +11,8 @@ from training.data import (BatchLayout, EvalBatchSampler, SeededSamples, TrainBa
                            open_image_folder)
 from training.images import DecodeRGB, DraftRandomResizedCrop
 
+from conftest import lr_schedule
+
 
 def flat(batches) -> list:
     return [item for batch in batches for item in batch]
@@ -145,12 +147,7 @@ def test_optimizers_skip_weight_decay_on_norm_layers_and_biases():
 def test_cosine_schedule_with_warmup_is_a_function_of_the_step():
     config = parse_config(['--lr', '0.4', '--epochs', '10', '--warmup-epochs', '2', '--warmup-lr', '0.0',
                            '--min-lr', '0.01'])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
-    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch=10)
-
-    def lr_at(step):
-        scheduler.step_update(num_updates=step)
-        return optimizer.param_groups[0]['lr']
+    lr_at = lr_schedule(config, steps_per_epoch=10)
     assert lr_at(0) == 0.0 and lr_at(10) == pytest.approx(0.2)  # linear warmup over 20 steps
     assert lr_at(50) == pytest.approx(0.01 + 0.39 * 0.5)  # timm's cosine spans all 100 steps, warmup included
     assert lr_at(100) == pytest.approx(0.01)

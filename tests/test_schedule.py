@@ -17,7 +17,7 @@ from training.distributed import Processes
 from training.gpu_decode import create_gpu_train_loader
 from training.reporting import TIMING_COLUMNS, duration
 
-from conftest import assert_same_weights, load, run_train, spawn_train, summary
+from conftest import assert_same_weights, load, lr_schedule, run_train, spawn_train, summary
 
 CPU = torch.device('cpu')
 DATA_CFG = dict(input_size=(3, 64, 64), interpolation='bilinear', mean=(0.485, 0.456, 0.406),
@@ -171,12 +171,7 @@ def ffcv_cyclic_lrs(lr, epochs, lr_peak_epoch, iters) -> list:
 def test_triangular_schedule_is_ffcvs_cyclic_lr_at_every_step():
     config = parse_config(['--sched', 'triangular', '--lr', '1.7', '--warmup-lr', '1.7e-4', '--warmup-epochs', '2',
                            '--epochs', '16', '--min-lr', '0'])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.7)
-    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch=7)
-
-    def lr_at(step):  # the lr of optimizer step `step`, as train() and the loop set it
-        scheduler.step_update(num_updates=step)
-        return optimizer.param_groups[0]['lr']
+    lr_at = lr_schedule(config, steps_per_epoch=7)
     assert [lr_at(k) for k in range(16 * 7)] == pytest.approx(ffcv_cyclic_lrs(1.7, 16, 2, 7), rel=1e-9, abs=1e-12)
     assert lr_at(16 * 7) == 0.0
 
@@ -192,12 +187,7 @@ def ffcv_step_lrs(lr, epochs, step_length, step_ratio, iters) -> list:
 def test_ffcv_step_schedule_is_ffcvs_step_lr_at_every_step():
     config = parse_config(['--sched', 'ffcv_step', '--lr', '0.5', '--decay-epochs', '3', '--decay-rate', '0.2',
                            '--epochs', '8'])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
-    scheduler = train.build_scheduler(config, optimizer, steps_per_epoch=5)
-
-    def lr_at(step):
-        scheduler.step_update(num_updates=step)
-        return optimizer.param_groups[0]['lr']
+    lr_at = lr_schedule(config, steps_per_epoch=5)
     expected = ffcv_step_lrs(0.5, 8, 3, 0.2, 5)
     assert [lr_at(k) for k in reversed(range(8 * 5))] == pytest.approx(expected[::-1], rel=1e-9, abs=1e-12)
     assert lr_at(8 * 5) == 0.0

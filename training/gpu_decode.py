@@ -3,9 +3,9 @@
 Loader workers read each file's bytes and draw its augmentation from its seed; the training device decodes the batch in
 one call (nvjpeg, or nvImageCodec with gpu_decoder: nvimgcodec, on CUDA; libjpeg on CPU, which is how the tests run it),
 then crops, resizes and flips it with two batched matrix products, applies colour jitter and normalises. A
-cpu_decode_share of the samples is decoded, cropped and resized by the workers instead; the device flips those. The output is what the
-CPU path yields: (x float32 normalised NCHW, y int64), both on the device. On CUDA a thread makes batches ahead on a
-side stream, so that decoding and augmenting overlap the training steps.
+cpu_decode_share of the samples is decoded, cropped and resized by the workers instead; the device flips those. The
+output is what the CPU path yields: (x float32 normalised NCHW, y int64), both on the device. On CUDA a thread makes
+batches ahead on a side stream, so that decoding and augmenting overlap the training steps.
 
 Matching timm's CPU path:
 - Augmentation parameters are drawn in timm's order from generators seeded with the sample seed (random.Random for the

@@ -151,3 +151,23 @@ def test_mixed_precision_and_channels_last(shapes, tmp_path, dtype):
     assert ('amp_scaler' in state) == (dtype == 'float16')  # the grad scaler, for float16 only
     assert all(torch.isfinite(v).all() for v in state['state_dict'].values() if v.is_floating_point())
     assert 0 < summary(tmp_path / 'run')[0]['train_loss'] < 10
+
+
+@pytest.mark.parametrize('opt, fused', [('adamw', True), ('momentum', True), ('sgd', True), ('lamb', False)])
+def test_optimizer_is_timms_update_fused_where_torch_has_a_fused_kernel(opt, fused):
+    """Three steps of build_optimizer's optimizer and of timm's factory's, from the same gradients: the same weights."""
+    config = parse_config(['--model', 'resnet18', '--opt', opt, '--lr', '0.05', '--weight-decay', '0.05'])
+    models = [train.build_model(config, 10) for _ in range(2)]
+    ours = train.build_optimizer(config, models[0])
+    reference = timm.optim.create_optimizer_v2(models[1], opt=opt, lr=0.05, weight_decay=0.05,
+                                               momentum=config['momentum'], filter_bias_and_bn=True)
+    assert bool(ours.defaults.get('fused')) is fused
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(*(m.parameters() for m in models)):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        ours.step()
+        reference.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -43,6 +43,7 @@ from timm.utils import ModelEmaV3
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import model_defs  # noqa: E402,F401  registers resnet50_custom
+from train import build_optimizer  # noqa: E402
 from training import builtin_data  # noqa: E402
 from training.checkpoint import fsync_write  # noqa: E402
 from training.config import UserError, parse_config  # noqa: E402
@@ -191,14 +192,13 @@ def _sync(device: torch.device):
 
 def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool) -> float:
     """img/s of the bare training step on device tensors: forward, backward, optimizer step and EMA update of the
-    recipe's model with 1000 classes, in its precision and memory layout. ModelEmaV3, as train.py averages."""
+    recipe's model with 1000 classes, in its precision and memory layout. train.py's optimizer and ModelEmaV3."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     layout = torch.channels_last if config['channels_last'] else torch.contiguous_format
     model = create_model(config['model'], num_classes=1000, drop_path_rate=config['drop_path_rate'])
     model.to(device=device, memory_format=layout)
-    optimizer = create_optimizer_v2(model, opt=config['opt'], lr=config['lr'], weight_decay=config['weight_decay'],
-                                    momentum=config['momentum'], filter_bias_and_bn=True)
+    optimizer = build_optimizer(config, model)
     model_ema = ModelEmaV3(model, decay=config['model_ema_decay'])
     train_model = torch.compile(model) if compiled else model
     size, batch = config['img_size'], config['batch_size']

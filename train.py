@@ -435,13 +435,14 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
             loaders.sampler.set_position(epoch, progress.step)
             speed = train_one_epoch(t, loaders.train, progress, config, procs, layout, steps_per_epoch,
                                     checkpoints, reporter, stop)
-        try:
-            raw = evaluate(t.model, loaders.val, procs, **numerics)
-            ema = evaluate(t.model_ema.module, loaders.val, procs, **numerics) if t.model_ema else None
+        try:  # raw and EMA weights in one pass over the validation images
+            raw, *ema = evaluate([t.model] + ([t.model_ema.module] if t.model_ema else []), loaders.val, procs,
+                                 **numerics)
         except Interrupted:  # saved with its evaluation pending
             checkpoints.mid_epoch(progress)
             raise
-        progress.seconds += raw['seconds'] + (ema['seconds'] if ema else 0.0)
+        ema = ema[0] if ema else None
+        progress.seconds += raw['seconds']
         row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], img_size, speed, raw,
                           ema, bad_images_met(loaders, procs))
         metric, metric_weights = reporting.ranking_metric(row, config['eval_metric'])

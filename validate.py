@@ -151,7 +151,7 @@ def validate(args) -> int:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     with create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device, decode=decode) as loader:
-        results = evaluate(model, loader, procs, amp_dtype, channels_last, eval_flip=eval_flip)
+        results, = evaluate([model], loader, procs, amp_dtype, channels_last, eval_flip=eval_flip)
     results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
                    weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
                    eval_flip=eval_flip, blur_pool=bool(config.get('blur_pool')), data=str(root), split=args.split,

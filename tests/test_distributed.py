@@ -161,7 +161,7 @@ def evaluate_shard(rank: int, world_size: int, port: int, data: str, results: di
     dataset = open_image_folder(Path(data), 'validation')
     cfg = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
     loader = create_eval_loader(dataset, cfg, 8, 0, torch.device('cpu'), rank, world_size)
-    results[rank] = evaluate(model, loader, Processes(rank, world_size, rank, torch.device('cpu')))
+    results[rank], = evaluate([model], loader, Processes(rank, world_size, rank, torch.device('cpu')))
     dist.destroy_process_group()
 
 

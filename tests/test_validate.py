@@ -69,10 +69,33 @@ def test_evaluate_with_eval_flip_averages_the_logits_of_the_image_and_its_flip()
         logits = (model(x) + model(x.flip(3))) / 2
     expected = dict(loss=F.cross_entropy(logits, y).item(), top1=100 * (logits.argmax(1) == y).float().mean().item())
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # two batches
-    flipped = evaluate(model, loader, procs, eval_flip=True)
+    flipped, = evaluate([model], loader, procs, eval_flip=True)
     assert flipped['loss'] == pytest.approx(expected['loss'], rel=1e-6)
     assert flipped['top1'] == pytest.approx(expected['top1'])
-    assert evaluate(model, loader, procs)['loss'] != pytest.approx(flipped['loss'], rel=1e-3)
+    assert evaluate([model], loader, procs)[0]['loss'] != pytest.approx(flipped['loss'], rel=1e-3)
+
+
+def test_evaluate_loads_each_batch_once_for_all_models_with_each_models_own_numbers():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)) for _ in range(2)]
+    x, y = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    procs = Processes(0, 1, 0, torch.device('cpu'))
+    loaded = []
+
+    class Counted(torch.utils.data.TensorDataset):
+        def __getitem__(self, index):
+            loaded.append(index)
+            return super().__getitem__(index)
+    loader = torch.utils.data.DataLoader(Counted(x, y), batch_size=4)
+    both = evaluate(models, loader, procs)
+    assert sorted(loaded) == list(range(6))
+    for model, result in zip(models, both):
+        with torch.no_grad():
+            logits = model(x)
+        assert result['loss'] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+        assert result['top1'] == pytest.approx(100 * (logits.argmax(1) == y).float().mean().item())
+        assert result['images'] == 6
+    assert both[0]['loss'] != pytest.approx(both[1]['loss'], rel=1e-3)
 
 
 @pytest.fixture(scope='module')

@@ -3,7 +3,7 @@ shared by train.py and validate.py."""
 import logging
 import time
 from contextlib import nullcontext
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,20 +73,25 @@ def clipped_parameters(model: torch.nn.Module, mode: str) -> list:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
-             channels_last: bool = False, eval_flip: bool = False, stop: Optional[StopRequest] = None) -> dict:
-    """Top-1, top-5 and mean cross-entropy over every image of the loader's dataset, once each.
+def evaluate(models: Sequence[torch.nn.Module], loader, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
+             channels_last: bool = False, eval_flip: bool = False, stop: Optional[StopRequest] = None) -> list:
+    """Top-1, top-5 and mean cross-entropy of each model over every image of the loader's dataset, once each.
 
+    One pass over the data for all the models (a run's raw and EMA weights): each batch is loaded and decoded once.
     Every process evaluates its own shard; sums are reduced, so the result does not depend on the number of
     processes. A stop request is agreed on in the batches all processes share, and raises Interrupted.
 
     With eval_flip, an image's logits are the mean of its own and its horizontal flip's, flipped here on the loaded
     batch (so with either decode path). Logits rather than probabilities, as FFCV's evaluation sums logits for its
     published numbers; the mean ranks as the sum does and keeps the loss on the scale of one view.
+
+    Returns:
+        One dict per model: loss, top1, top5, images, and the pass's img_per_sec and seconds.
     """
-    model.eval()
+    for model in models:
+        model.eval()
     device = procs.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
+    sums = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
     common_batches = getattr(loader.batch_sampler, 'common_batches', len(loader))
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
@@ -94,18 +99,22 @@ def evaluate(model: torch.nn.Module, loader, procs: Processes, amp_dtype: Option
             raise Interrupted()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            if eval_flip:
-                logits = (logits + model(x.flip(3))) / 2
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        sums[:3] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, :1].sum(), hits.sum()]).double()
-        sums[3] += len(y)
+        for k, model in enumerate(models):
+            with autocast(device, amp_dtype):
+                logits = model(x)
+                if eval_flip:
+                    logits = (logits + model(x.flip(3))) / 2
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top == y[:, None]
+            sums[k, :3] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, :1].sum(),
+                                        hits.sum()]).double()
+        sums[:, 3] += len(y)
     sum_over_ranks(sums, procs)
     elapsed = time.perf_counter() - start
-    loss, top1, top5, images = sums.tolist()
-    images = max(images, 1)
-    return dict(loss=loss / images, top1=100 * top1 / images, top5=100 * top5 / images, images=int(images),
-                img_per_sec=images / elapsed, seconds=elapsed)
+    results = []
+    for loss, top1, top5, images in sums.tolist():
+        images = max(images, 1)
+        results.append(dict(loss=loss / images, top1=100 * top1 / images, top5=100 * top5 / images,
+                            images=int(images), img_per_sec=images / elapsed, seconds=elapsed))
+    return results

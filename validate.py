@@ -20,7 +20,7 @@ import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint
 from training.config import OneLineParser, UserError, architecture_options
 from training.data import classes_of, create_eval_loader, data_config, locate_dataset, open_image_folder
-from training.distributed import Processes, pick_device
+from training.distributed import Processes, keep_freed_cpu_memory, pick_device
 from training.engine import evaluate
 
 
@@ -127,6 +127,7 @@ def validate(args) -> int:
     state = checkpoint.load(args.checkpoint)
     model, weights_kind, config = load_model(args, state)
     device = pick_device(args.device)
+    keep_freed_cpu_memory(device)
     procs = Processes(0, 1, 0, device)
 
     dataset_kind = args.dataset if args.dataset is not None else config.get('dataset', '')

@@ -48,7 +48,7 @@ from training import builtin_data  # noqa: E402
 from training.checkpoint import fsync_write  # noqa: E402
 from training.config import UserError, parse_config  # noqa: E402
 from training.data import BatchLayout, create_train_loader, data_config, open_image_folder  # noqa: E402
-from training.distributed import pick_device  # noqa: E402
+from training.distributed import keep_freed_cpu_memory, pick_device  # noqa: E402
 from training.reporting import read_summary  # noqa: E402
 
 RECIPE = REPO / 'recipes' / 'rn50_130ep.yaml'  # the augmentation and model every pipeline row uses
@@ -433,6 +433,7 @@ def default_images(batch: int, workers: int, steps: int) -> int:
 
 def pipeline(args):
     device = pick_device(args.device)
+    keep_freed_cpu_memory(device)  # as train.py does: the ceiling runs the same step
     start = time.perf_counter()
     if args.data:
         data = Path(args.data)

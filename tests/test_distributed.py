@@ -191,7 +191,7 @@ from training import distributed
 if sys.argv[1] == 'setup':
     distributed.setup('cpu', 1.0)
 faults = []
-for _ in range(4):
+for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.ones(1 << 20) for _ in range(12)]  # 48 MB in 4 MB tensors, freed together like a step's
     del blocks
@@ -211,6 +211,7 @@ def test_a_cpu_training_process_reuses_freed_tensor_memory_without_page_faults()
     default, kept = faults('default'), faults('setup')
     # glibc's defaults hand the memory back after every round: each round faults all of it in again
     assert all(n > pages // 2 for n in default)
-    # after distributed.setup() on the CPU, the first round faults the memory in and later rounds reuse it
+    # after distributed.setup() on the CPU, the first round faults the memory in and later rounds reuse it, once the
+    # heap has settled (a block or two may still land on new pages in rounds 2-3, depending on what else is there)
     assert kept[0] > pages // 2
-    assert max(kept[2:]) < pages // 100
+    assert max(kept[3:]) < pages // 100

@@ -185,33 +185,39 @@ def test_distributed_validation_counts_each_image_once(tmp_path):
                 assert results[0]['loss'] == pytest.approx(single['loss'], rel=1e-6)
 
 
-FAULTS_PER_ROUND = """
-import resource, sys, torch
+ALLOCATION_ROUNDS = """
+import json, os, resource, sys, torch
 from training import distributed
 if sys.argv[1] == 'setup':
     distributed.setup('cpu', 1.0)
-faults = []
+def resident() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+faults, kept = [], []
+base = resident()
 for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(1 << 20) for _ in range(12)]  # 48 MB in 4 MB tensors, freed together like a step's
+    blocks = [torch.ones(1 << 20) for _ in range(24)]  # 96 MB in 4 MB tensors, freed together like a step's
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults)
+    kept.append(resident() - base)
+print(json.dumps(dict(faults=faults, kept=kept)))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt is glibc\'s')
-def test_a_cpu_training_process_reuses_freed_tensor_memory_without_page_faults():
-    def faults(mode: str) -> list:
-        out = subprocess.run([sys.executable, '-c', FAULTS_PER_ROUND, mode], cwd=REPO, capture_output=True,
+def test_a_cpu_training_process_keeps_freed_tensor_memory_and_reuses_it_without_page_faults():
+    def rounds(mode: str) -> dict:
+        out = subprocess.run([sys.executable, '-c', ALLOCATION_ROUNDS, mode], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout
         return json.loads(out)
 
-    pages = 48 * 2 ** 20 // resource.getpagesize()
-    default, kept = faults('default'), faults('setup')
-    # glibc's defaults hand the memory back after every round: each round faults all of it in again
-    assert all(n > pages // 2 for n in default)
-    # after distributed.setup() on the CPU, the first round faults the memory in and later rounds reuse it, once the
-    # heap has settled (a block or two may still land on new pages in rounds 2-3, depending on what else is there)
-    assert kept[0] > pages // 2
-    assert max(kept[3:]) < pages // 100
+    size = 96 * 2 ** 20
+    default, ours = rounds('default'), rounds('setup')
+    # with glibc's defaults the first round's blocks are mapped and unmapped; what later rounds keep varies from run
+    # to run (the threshold adapts, the heap's top is trimmed or not), so only the first round is checked
+    assert default['kept'][0] < size // 4
+    # after distributed.setup() on the CPU the process keeps the memory, and reuses it without faults once the heap
+    # has settled (a block or two may still land on new pages in rounds 2-3, depending on what else is there)
+    assert all(kept > size * 3 // 4 for kept in ours['kept'])
+    assert max(ours['faults'][3:]) < size // resource.getpagesize() // 100

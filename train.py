@@ -34,9 +34,9 @@ import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, architecture_options, parse_config, save_config, saved_config
-from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, create_random_erasing,
-                           data_configs, derive_seed, image_sizes, locate_dataset, open_datasets, open_image_folder,
-                           read_manifest, seed_all)
+from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, choice_line, choose_share,
+                           create_random_erasing, data_configs, derive_seed, epoch_steps, image_sizes, locate_dataset,
+                           open_datasets, open_image_folder, read_manifest, resolve_input_path, seed_all)
 from training.distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
 from training.engine import (BatchNormSteps, Interrupted, NonFiniteLoss, autocast, clipped_parameters, evaluate)
 
@@ -468,6 +468,29 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
 
 # wiring
 
+def measure_decode_share(t: Trainer, loaders: Loaders, progress: Progress, config: dict, procs: Processes) -> tuple:
+    """The fastest cpu_decode_share on this machine and {share: img/s} (decode_choice.choose_share).
+
+    The trial steps run forward and backward on the first batches of the current epoch, with no optimizer step; the
+    BatchNorm statistics they change are put back, so training starts from the same state.
+    """
+    buffers = [b.detach().clone() for b in t.model.buffers()]
+    loaders.sampler.set_position(min(progress.epoch, config['epochs'] - 1), 0)
+    t.train_model.train()
+
+    def step(x, y):
+        forward_backward(t, x, y, False, 1, config['channels_last'])  # not the last micro-batch: no update
+        t.optimizer.zero_grad(set_to_none=True)
+
+    def agree(speeds: list) -> list:
+        return mean_over_ranks(torch.tensor(speeds, dtype=torch.float64, device=procs.device), procs).tolist()
+    share, speeds = choose_share(loaders.train, step, sync=lambda: torch.cuda.synchronize(procs.device), agree=agree)
+    with torch.no_grad():
+        for buffer, saved in zip(t.model.buffers(), buffers):
+            buffer.copy_(saved)
+    return share, speeds
+
+
 def claim_run_folder(config: dict, procs: Processes) -> tuple:
     """The run folder, locked by rank 0 for the life of the run: (path, open lock file or None)."""
     run_dir = checkpoint.run_folder(config['output'], config['experiment'])
@@ -541,15 +564,22 @@ def train(config: dict, procs: Processes) -> int:
     root, dataset = distributed.on_primary(lambda: locate_dataset(config['data_dir'], config['dataset']), procs)
     datasets = open_datasets(root, dataset, config['train_split'], config['val_split'], config['num_classes'])
     model = build_model(config, datasets.num_classes)
+    steps_per_epoch = epoch_steps(len(datasets.train), layout)
+    t = build_trainer(config, procs, layout, model, datasets.num_classes, steps_per_epoch)
+    progress, state = resume_or_start(config, procs, run_dir, t, datasets, steps_per_epoch)
+    decode, share, why = resolve_input_path(config, datasets, model, procs.device, state and state['config'])
+    config.update(decode=decode, cpu_decode_share=share)  # the choice of decode: auto, recorded with the config
     loaders = build_loaders(config, datasets, model, layout, procs)
-    t = build_trainer(config, procs, layout, model, datasets.num_classes, loaders.steps_per_epoch)
-    progress, state = resume_or_start(config, procs, run_dir, t, datasets, loaders.steps_per_epoch)
     t.scheduler.step_update(num_updates=progress.global_step)
     if procs.is_primary:
         if config['start_over']:
             checkpoint.clear_run_folder(run_dir)
         reporting.log_to_file(run_dir)
     log_start(config, procs, layout, run_dir)
+    speeds = None
+    if (decode == 'gpu') and (share is None):
+        config['cpu_decode_share'], speeds = measure_decode_share(t, loaders, progress, config, procs)
+    _logger.info(choice_line(decode, config['cpu_decode_share'], why, speeds))
 
     saver = None
     if procs.is_primary:
@@ -563,7 +593,8 @@ def train(config: dict, procs: Processes) -> int:
     wandb_logger = None
     if procs.is_primary and config['log_wandb']:
         extra = dict(saved_config(config), environment=reporting.environment(procs.world_size),
-                     versions=checkpoint.versions(), data=datasets.fingerprint)
+                     versions=checkpoint.versions(), data=datasets.fingerprint,
+                     decode_choice=dict(why=why, img_per_sec={f'{s:g}': v for s, v in (speeds or {}).items()}))
         wandb_logger = reporting.WandbLogger(config, run_dir, state and state.get('wandb_run_id'), extra)
     reporter = reporting.Reporter(run_dir, procs.is_primary, display, config['epochs'], wandb_logger)
     if procs.is_primary:

@@ -55,7 +55,8 @@ def parse_args(argv=None):
     parser.add_argument('--blur-pool', action=argparse.BooleanOptionalAction,
                         help="the model's BlurPool option (default: the checkpoint's; a state dict does not tell, and "
                              'loads either way)')
-    parser.add_argument('--decode', choices=('cpu', 'gpu'), help="where JPEGs are decoded (default: as in training)")
+    parser.add_argument('--decode', choices=('auto', 'cpu', 'gpu'),
+                        help="where JPEGs are decoded (default: as in training; auto: the GPU on CUDA where it can)")
     parser.add_argument('--allow-other-classes', action='store_true',
                         help="evaluate even when the dataset's class folders are not the ones the checkpoint was "
                              'trained on (a warning names the first that differ)')

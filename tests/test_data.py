@@ -1,17 +1,24 @@
+import ast
+import re
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter, Compose, InterpolationMode, RandomHorizontalFlip, TrivialAugmentWide
 
 import train
 from training.config import UserError, parse_config
-from training.data import (BatchLayout, EvalBatchSampler, SeededSamples, TrainBatchSampler, create_train_loader,
-                           open_image_folder)
-from training.images import DecodeRGB, DraftRandomResizedCrop
+from training.data import BatchLayout, EvalBatchSampler, TrainBatchSampler, create_train_loader, open_image_folder
+import training.data.cpu_path as cpu_path
+from training.data.cpu_path import DraftRandomResizedCrop, SeededSamples, auto_augment_ops, train_transform
+from training.data.sources import DecodeRGB
 
-from conftest import lr_schedule
+from conftest import REPO, lr_schedule
 
 
 def flat(batches) -> list:
@@ -205,10 +212,50 @@ def test_ta_wide_augmentation_depends_on_its_seed_only(shapes):
     assert not all(torch.equal(plain[item][0], x) for item, x in zip(items, first))
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--decode', 'gpu'], 'decode: gpu cannot apply auto_augment'),
-    (['--train-interpolation', 'random'], 'auto_augment ta_wide rotates and shears at one interpolation')])
-def test_ta_wide_settings_it_cannot_run_with_are_refused_in_one_line(args, message):
-    with pytest.raises(UserError, match=message) as error:
-        parse_config(['--auto-augment', 'ta_wide', *args])
+def test_ta_wide_settings_it_cannot_run_with_are_refused_in_one_line():
+    with pytest.raises(UserError, match='auto_augment ta_wide rotates and shears at one interpolation') as error:
+        parse_config(['--auto-augment', 'ta_wide', '--train-interpolation', 'random'])
     assert '\n' not in str(error.value)
+
+
+def package_imports(folder: Path) -> dict:
+    """{module: the modules of the same package it imports} of training/data/."""
+    graph = {}
+    for path in folder.glob('*.py'):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1):
+                imported.update([node.module] if node.module else [alias.name for alias in node.names])
+        graph[path.stem] = imported - {'__init__'}
+    return graph
+
+
+def test_the_data_package_imports_one_way_and_the_rest_of_the_project_imports_its_front():
+    graph = package_imports(REPO / 'training' / 'data')
+    assert {'sources', 'sampling', 'cpu_path', 'device_path', 'loaders'} <= set(graph)
+
+    def reaches(start: str, seen: set) -> set:
+        for module in graph.get(start, ()):
+            if module not in seen:
+                seen.add(module)
+                reaches(module, seen)
+        return seen
+    circles = [m for m in graph if (m != '__init__') and (m in reaches(m, set()))]
+    assert circles == []
+    inside = re.compile(r'^\s*(from|import) training\.data\.', re.M)
+    users = [REPO / 'train.py', REPO / 'validate.py', *(REPO / 'tools').glob('*.py'), *(REPO / 'training').glob('*.py')]
+    assert [p.name for p in users if inside.search(p.read_text())] == []
+
+
+def test_posterize_to_no_bits_is_black_where_pillow_13_would_stop_the_run():
+    """RSB's RandAugment (increasing ops, magnitude noise) reaches magnitude 10, where timm posterizes to 0 bits."""
+    config = parse_config(['--auto-augment', 'rand-m10-inc1', '--img-size', '32'])
+    data_cfg = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3)
+    [op] = [op for op in auto_augment_ops(train_transform(config, data_cfg).transforms)
+            if op.name == 'PosterizeIncreasing']
+    op.prob = 1.0
+    image = Image.new('RGB', (8, 8), (200, 100, 50))
+    with pytest.raises(ValueError):
+        timm_auto_augment.posterize(image, 0)
+    assert np.asarray(op(image)).max() == 0
+    assert np.array_equal(np.asarray(cpu_path.posterize(image, 2)), np.asarray(timm_auto_augment.posterize(image, 2)))

@@ -11,7 +11,7 @@ import validate
 from demo.classifier import Classifier
 from tools import export, predict
 from training import checkpoint
-from training.images import open_rgb
+from training.data import open_rgb
 from training.reporting import read_summary
 
 from test_predict import trained_run

@@ -16,10 +16,13 @@ from PIL import Image, ImageDraw
 from timm.data import create_dataset
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_interp
 
-import training.images as images
+import training.data.bad_images as bad_images
+import training.data.cpu_path as cpu_path
 from training.config import UserError, parse_config
-from training.data import BatchLayout, SeededSamples, create_eval_loader, create_train_loader, open_image_folder
-from training.images import DraftRandomResizedCrop, LazyImageFolder, dct_scale, decode_crop, open_image, seed_sample
+from training.data import (BatchLayout, LazyImageFolder, create_eval_loader, create_train_loader, open_image_folder,
+                           seed_sample)
+from training.data.cpu_path import DraftRandomResizedCrop, SeededSamples
+from training.data.files import dct_scale, decode_crop, open_image
 
 from conftest import REPO, run_train
 
@@ -70,7 +73,7 @@ def test_crop_boxes_and_random_draws_are_timms_for_the_same_seed(tmp_path, monke
     timm_crop = RandomResizedCropAndInterpolation(32, interpolation=interpolation)
     draft_crop = DraftRandomResizedCrop.like(timm_crop)
     boxes = []
-    monkeypatch.setattr(images, 'decode_crop', lambda img, box, size, resample: boxes.append((box, resample)))
+    monkeypatch.setattr(cpu_path, 'decode_crop', lambda img, box, size, resample: boxes.append((box, resample)))
     rng = np.random.default_rng(0)
     for seed in range(40):
         path = tmp_path / f'{seed}.jpg'
@@ -252,7 +255,7 @@ def test_a_training_run_over_too_many_bad_images_exits_with_one_line(tmp_path, s
 
 
 def test_a_run_of_bad_files_stops_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, 'MAX_BAD_IN_A_ROW', 3)
+    monkeypatch.setattr(bad_images, 'MAX_BAD_IN_A_ROW', 3)
     root = photo_folder(tmp_path, count=8, classes=1)
     for i in range(1, 5):
         write_bad(root / 'train' / 'class0', 'text', f'{i:03d}.JPEG')

@@ -61,7 +61,6 @@ def rsb(epochs, top1, lr, weight_decay, rand_augment, mixup, smoothing, drop_pat
         'crop_pct': 0.95,                          # RSB test crop ratio; TIMMCFG
         'interpolation': 'bicubic',                # TIMMCFG
         'train_interpolation': 'random',           # TIMM21 default
-        'decode': 'cpu',                           # RandAugment exists only as PIL operations
         'max_batch_per_device': max_batch,         # ours: fits one 80 GB GPU
     }
 
@@ -100,7 +99,6 @@ def tv2():
         'val_img_size': 224,                       # TV2 --val-crop-size 224
         'crop_pct': 224 / 232,                     # TV2 --val-resize-size 232
         'interpolation': 'bilinear',               # TV2 --interpolation default bilinear
-        'decode': 'cpu',                           # TrivialAugmentWide exists only as PIL operations here
         'max_batch_per_device': 512,               # ours: fits one 80 GB GPU at 176 px
     }
 
@@ -133,7 +131,6 @@ def ffcv(epochs, top1, ramp):
         'val_img_size': 256,                       # FFCV validation.resolution
         'crop_pct': 224 / 256,                     # FFCVPY DEFAULT_CROP_RATIO
         'eval_flip': True,                         # FFCV validation.lr_tta
-        'decode': 'gpu',                           # ours: no auto_augment, so the GPU decodes
         'max_batch_per_device': 512,               # FFCV's per-GPU batch
     }
 
@@ -192,6 +189,14 @@ def test_recipe_holds_the_published_settings(name):
     assert mismatches(recipe, published) == []
     header = recipe_path(name).read_text().split('\nmodel:')[0]
     assert f"Published: {PUBLISHED[name]['top1']}% top-1" in header
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED) + ['rn50_130ep', 'quickstart'])
+def test_recipe_commands_carry_no_input_path_flags(name):
+    """decode: auto picks the input path and its split on the machine: the recipe's command is the fast one."""
+    text = recipe_path(name).read_text()
+    assert not {'decode', 'cpu_decode_share'} & set(load_yaml(recipe_path(name)))
+    assert '--decode' not in text and '--cpu-decode-share' not in text
 
 
 @pytest.mark.parametrize('name', PUBLISHED)

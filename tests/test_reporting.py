@@ -42,6 +42,9 @@ def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_
     assert first['config']['lr'] == 1e-3 and first['config']['model'] == 'resnet50_custom'
     assert first['config']['environment']['world_size'] == 1
     assert set(first['config']['versions']) == {'torch', 'timm', 'git'}
+    assert (first['config']['decode'], first['config']['cpu_decode_share']) == ('cpu', None)  # decode: auto's choice
+    assert first['config']['decode_choice']['why'].startswith('the training device is cpu')
+    assert resumed['config']['decode_choice']['why'].startswith('kept from the checkpoint')
 
     epochs = [h for run in (first, resumed) for h in run['history'] if 'epoch' in h]
     rows = summary(tmp_path / 'run')

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 
 import train
 import validate
@@ -264,16 +265,31 @@ def test_a_repeated_signal_within_the_grace_period_is_the_same_notice(monkeypatc
     assert exits == [128 + signal.SIGINT]
 
 
-def test_the_gpu_decoding_path_resumes_exactly_too(shapes, tmp_path):
-    """decode: gpu, with the CPU as the device: killed mid-epoch and re-run, it ends where an uninterrupted run ends."""
-    gpu = ('--decode', 'gpu', '--epochs', '1', '--recovery-interval', '1')
+def test_the_device_path_resumes_exactly_and_decode_auto_keeps_the_checkpoints_choice(shapes, tmp_path):
+    """decode: gpu at a cpu_decode_share, with the CPU as the device: killed mid-epoch and re-run with decode: auto (on
+    a CPU device auto alone would take the CPU path), it keeps the device path and the share, and ends where an
+    uninterrupted run ends."""
+    one_epoch = ('--epochs', '1', '--recovery-interval', '1')
+    gpu = ('--decode', 'gpu', '--cpu-decode-share', '0.5', *one_epoch)
     rc, log = run_until(shapes, tmp_path / 'reference', None, None, *gpu)
     assert rc == 0, log
     rc, log = run_until(shapes, tmp_path, r'epoch 0 step 3/5', signal.SIGKILL, *gpu)
     assert rc == -signal.SIGKILL, log
-    rc, log = run_until(shapes, tmp_path, None, None, *gpu)
+    rc, log = run_until(shapes, tmp_path, None, None, *one_epoch)
     assert rc == 0 and re.search(r'Resuming \S+recovery-0-\d.pth.tar', log), log
+    assert 'Input path: decode gpu, cpu_decode_share 0.5 (kept from the checkpoint' in log
     assert_same_run(tmp_path / 'run', tmp_path / 'reference' / 'run')
+    assert load(tmp_path / 'run' / 'last.pth.tar')['config']['cpu_decode_share'] == 0.5
+
+
+def test_decode_auto_on_a_cpu_device_is_the_cpu_path_bit_for_bit(shapes, tmp_path, reference):
+    rc, log = run_until(shapes, tmp_path, None, None, '--decode', 'cpu')
+    assert rc == 0, log
+    assert_same_run(tmp_path / 'run', reference)
+    saved = yaml.safe_load((reference / 'config.yaml').read_text())
+    assert (saved['decode'], saved['cpu_decode_share']) == ('cpu', None)
+    assert load(reference / 'last.pth.tar')['config']['decode'] == 'cpu'
+    assert 'Input path: decode cpu (the training device is cpu' in (reference / 'log.txt').read_text()
 
 
 def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_snapshot(tmp_path):

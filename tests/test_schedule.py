@@ -14,7 +14,7 @@ from training.config import parse_config, save_config
 from training.data import (BatchLayout, ImageSizes, TrainBatchSampler, create_train_loader, image_samples, image_sizes,
                            open_image_folder)
 from training.distributed import Processes
-from training.gpu_decode import create_gpu_train_loader
+from training.data.device_path import create_gpu_train_loader
 from training.reporting import TIMING_COLUMNS, duration
 
 from conftest import assert_same_weights, load, lr_schedule, run_train, spawn_train, summary

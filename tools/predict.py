@@ -25,7 +25,7 @@ from training import checkpoint  # noqa: E402
 from training.config import OneLineParser, UserError  # noqa: E402
 from training.data import data_config  # noqa: E402
 from training.distributed import pick_device  # noqa: E402
-from training.images import REASONS, BadImage, open_rgb  # noqa: E402
+from training.data import REASONS, BadImage, open_rgb  # noqa: E402
 
 
 def parse_args(argv=None):

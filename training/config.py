@@ -183,15 +183,17 @@ OPTIONS = _grouped(
            optional=True, choices=('bilinear', 'bicubic', 'nearest')),
     Option('train_interpolation', None, text, "training resize interpolation; 'random' picks bilinear or bicubic per "
            'image (default: interpolation)', optional=True, choices=('bilinear', 'bicubic', 'nearest', 'random')),
-    Option('decode', 'cpu', text, "where JPEGs are decoded and augmented: 'cpu' (loader workers, timm's transforms) "
-           "or 'gpu' (workers read bytes, the training device decodes and augments the batch)",
-           choices=('cpu', 'gpu'), role=RUN),
+    Option('decode', 'auto', text, "where JPEGs are decoded and augmented: 'cpu' (loader workers, timm's transforms), "
+           "'gpu' (workers read bytes, the training device decodes and augments the batch), or 'auto': gpu on CUDA "
+           "where it runs the settings, else cpu; a resumed run keeps its checkpoint's choice",
+           choices=('auto', 'cpu', 'gpu'), role=RUN),
     Option('gpu_decoder', 'torchvision', text, "decode: gpu on CUDA: 'torchvision' (nvjpeg) or 'nvimgcodec' "
            "(nvImageCodec, pip nvidia-nvimgcodec-cu13: its hardware JPEG decoders where the GPU and the host expose "
            "them; on our H200 it was slower, see the README)", choices=('torchvision', 'nvimgcodec'), role=RUN),
-    Option('cpu_decode_share', 0.0, fraction, 'decode: gpu: share of the training images that the loader workers '
-           'decode, crop and resize instead (chosen by sample seed), to split the decoding between CPU and GPU',
-           role=RUN),
+    Option('cpu_decode_share', None, fraction, 'the device path: share of the training images that the loader '
+           'workers decode, crop and resize instead (chosen by sample seed), to split the decoding between CPU and '
+           'GPU (default: on CUDA the fastest, timed over trial steps before the first one; a resumed run keeps it)',
+           optional=True, role=RUN),
     Option('jpeg_draft', True, flag, 'CPU path: decode a JPEG at reduced size (DCT scaling) when the sampled crop '
            'allows it', role=RUN),
     Option('max_bad_images', 0.001, fraction, 'share of an epoch\'s images that may be unreadable (each replaced and '
@@ -600,14 +602,11 @@ def validate(config: dict):
             'sched ffcv_step has no warmup and ends at 0, as FFCV\'s: set warmup_epochs 0 and min_lr 0')
     require(config['bce_target_thresh'] is None or config['bce_loss'],
             'bce_target_thresh applies to the BCE loss: set bce_loss true, or drop bce_target_thresh')
-    require(not (config['decode'] == 'gpu' and config['auto_augment']),
-            'decode: gpu cannot apply auto_augment (RandAugment, TrivialAugment and AutoAugment exist only as PIL '
-            'operations): use decode: cpu, or drop auto_augment')
     require(not (config['auto_augment'] == TA_WIDE and config['train_interpolation'] == 'random'),
             'auto_augment ta_wide rotates and shears at one interpolation: set train_interpolation to bilinear, '
             'bicubic or nearest, not random')
-    require(config['cpu_decode_share'] == 0 or config['decode'] == 'gpu',
-            'cpu_decode_share splits the decoding of decode: gpu (with decode: cpu the workers decode every image)')
+    require((config['cpu_decode_share'] is None) or (config['decode'] != 'cpu'),
+            'cpu_decode_share splits the decoding of the device path (with decode: cpu the workers decode every image)')
 
 
 def architecture_options(config: dict) -> dict:

@@ -8,7 +8,11 @@ from PIL import Image
 from tools import benchmark
 from training.reporting import step_line
 
-ROWS = ('step + ModelEmaV3 on device tensors, eager', 'loader alone: ours, decode cpu, jpeg_draft off',
+ROWS = ('step + ModelEmaV3 on device tensors, eager', 'train.py, decode auto',
+        'train.py, decode cpu --auto-augment rand-m6-mstd0.5-inc1',
+        'train.py, decode gpu --auto-augment rand-m6-mstd0.5-inc1 --cpu-decode-share 1',
+        'train.py, decode gpu --auto-augment rand-m6-mstd0.5-inc1 --cpu-decode-share 0',
+        'loader alone: ours, decode cpu, jpeg_draft off',
         'loader alone: ours, decode cpu, jpeg_draft on', 'loader alone: ours, decode gpu',
         "loader alone: timm's create_loader", 'train.py, decode gpu', 'train.py, decode cpu')
 
@@ -48,17 +52,28 @@ def one_thread(monkeypatch):
 def test_pipeline_table_has_a_speed_in_every_row(jpegs, tmp_path, one_thread):
     out = tmp_path / 'table.md'
     code = benchmark.main(['pipeline', '--data', str(jpegs), '--img-size', '32', '-b', '8', '-j', '1',
-                           '--steps', '1', '--device', 'cpu', '--out', str(out)])
+                           '--steps', '1', '--device', 'cpu', '--auto-augment', 'rand-m6-mstd0.5-inc1',
+                           '--out', str(out)])
     assert code == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith('| ') and 'measured' not in line]
     table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip('|').split('|')] for line in lines)}
     assert tuple(table) == ROWS
     for what, (workers, speed, share, wait, how) in table.items():
-        if 'decode gpu' in what and speed.startswith('n/a ('):
-            continue  # the GPU decode path is not in every tree
         assert float(speed.replace(',', '')) > 0, what
         assert re.fullmatch(r'\d+%', share), what
     assert table['train.py, decode cpu'][3].endswith('%')  # its data-wait share
+    assert 'chose decode cpu (the training device is cpu: the device path would decode on the same cores)' in \
+        table['train.py, decode auto'][4]
+
+
+def test_augment_ops_table_times_every_op_in_pil_and_on_the_device(tmp_path, one_thread):
+    out = tmp_path / 'ops.md'
+    assert benchmark.main(['augment-ops', '--sizes', '32', '-b', '2', '--device', 'cpu', '--repeats', '1',
+                           '--out', str(out)]) == 0
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in out.read_text().splitlines()
+            if line.startswith('| ') and not line.startswith('| op |')]
+    assert [row[0] for row in rows] == list(benchmark.AUTO_AUGMENT_OPS[1:])
+    assert all((float(row[2]) > 0) and (float(row[3]) > 0) for row in rows)
 
 
 def test_workers_table_gives_each_loaders_images_per_cpu_second(jpegs, tmp_path, one_thread):

@@ -2,7 +2,12 @@
 """Measurements quoted in the README and issue notes.
 
     python tools/benchmark.py pipeline [--data DIR | --images N] [--img-size 224 -b 256 -j 14 --compile --out F.md]
-        compute ceiling, each loader alone and train.py's steady state, side by side, on the machine at hand
+            [--auto-augment rand-m6-mstd0.5-inc1]
+        compute ceiling, each loader alone and train.py's steady state (decode: auto's choice, each path of an
+        auto-augment), side by side, on the machine at hand
+    python tools/benchmark.py workers [--sizes 160 224 --auto-augment STR]   loader workers' images per CPU-second
+    python tools/benchmark.py augment-ops [--sizes 160 224 -b 256]   each auto-augment op: PIL per image, device per
+        batch
     python tools/benchmark.py jpegs --images N [--cache DIR]      make (or find) the ImageNet-like JPEG set
     python tools/benchmark.py vs-timm --timm-train PATH [--epochs 20 -b 64 --img-size 32 -j 2]
         timm's own train.py and ours on the same recipe and data: wall time, step speed, overhead, top-1
@@ -47,7 +52,8 @@ from train import build_optimizer  # noqa: E402
 from training import builtin_data  # noqa: E402
 from training.checkpoint import fsync_write  # noqa: E402
 from training.config import UserError, parse_config  # noqa: E402
-from training.data import BatchLayout, create_train_loader, data_config, open_image_folder  # noqa: E402
+from training.data import (AUTO_AUGMENT_OPS, BatchLayout, apply_auto_augment_ops, create_train_loader,  # noqa: E402
+                           data_config, open_image_folder)
 from training.distributed import keep_freed_cpu_memory, pick_device  # noqa: E402
 from training.reporting import read_summary  # noqa: E402
 
@@ -266,12 +272,6 @@ def timm_loader(config: dict, data_cfg: dict, device: torch.device):
         re_prob=0.0)  # ours erases in the training step, not in the loader
 
 
-def gpu_decode_missing() -> Optional[str]:
-    if importlib.util.find_spec('training.gpu_decode') is None:
-        return 'training/gpu_decode.py is not in this tree'
-    return None
-
-
 def step_windows(log: str) -> list:
     """(step, steps per epoch, img/s, data wait share) of each of train.py's step lines."""
     found = re.findall(r'step (\d+)/(\d+)\s.*?([\d.]+) img/s\s+data wait (\d+)%', log)
@@ -292,7 +292,7 @@ def steady_windows(windows: list, wait_threshold: float = 0.02) -> list:
 
 def train_py_speed(config: dict, device: torch.device, decode: str, out: Path, *flags: str) -> Row:
     """train.py's steady img/s and data-wait share over one epoch of the data, from its step lines; `flags` are
-    train.py's own (e.g. --gpu-decoder torchvision)."""
+    train.py's own (e.g. --gpu-decoder torchvision). With decode: auto the note says what it chose."""
     what = ' '.join([f'train.py, decode {decode}', *flags])
     steps_per_epoch = len(open_image_folder(Path(config['data_dir']), 'train')) // config['batch_size']
     interval = max(1, steps_per_epoch // 25)
@@ -314,7 +314,11 @@ def train_py_speed(config: dict, device: torch.device, decode: str, out: Path, *
     speed = len(steady) / sum(1 / w[2] for w in steady)  # the speed of the mean step time
     wait = sum(w[3] for w in steady) / len(steady)
     first = windows[windows.index(steady[0]) - 1][0] + 1  # a window starts after the step of the one before
-    return Row(what, config['workers'], speed, wait, f'steps {first}-{steady[-1][0]} of {steps_per_epoch}')
+    note = f'steps {first}-{steady[-1][0]} of {steps_per_epoch}'
+    chose = re.search(r'Input path: (decode \S+(, cpu_decode_share [\d.]+)?)(.*)', done.stdout)
+    if decode == 'auto' and chose:
+        note += f'; chose {chose.group(1)}' + (f' ({chose.group(3).strip(" ,()")})' if chose.group(3) else '')
+    return Row(what, config['workers'], speed, wait, note)
 
 
 def measured(what: str, workers: Optional[int], measure) -> Row:
@@ -338,10 +342,8 @@ def compiled_rows(data: Path, args, device: torch.device, out: Path):
     config = recipe_config(data, args, device)
     yield measured('step + ModelEmaV3 on device tensors, torch.compile', None, lambda: (
         step_ceiling(config, device, args.steps, compiled=True), f'{args.steps} steps'))
-    missing = gpu_decode_missing()
-    yield measured(' '.join(['train.py, decode gpu --torchcompile', *args.compile_flags]), config['workers'],
-                   lambda: not_here(missing) if missing else
-                   train_py_speed(config, device, 'gpu', out, '--torchcompile', *args.compile_flags))
+    yield measured(' '.join(['train.py, decode auto --torchcompile', *args.compile_flags]), config['workers'],
+                   lambda: train_py_speed(config, device, 'auto', out, '--torchcompile', *args.compile_flags))
 
 
 def nvimgcodec_missing() -> Optional[str]:
@@ -360,12 +362,17 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
     workers = config['workers']
     yield measured('step + ModelEmaV3 on device tensors, eager', None, lambda: (
         step_ceiling(config, device, args.steps, compiled=False), f'{args.steps} steps'))
-    missing = gpu_decode_missing()
+    yield measured('train.py, decode auto', workers, lambda: train_py_speed(config, device, 'auto', out))
+    if args.auto_augment:  # the input paths of an auto-augment recipe: the CPU path, the split, the device's ops
+        augment = ['--auto-augment', args.auto_augment]
+        for decode, flags in (('cpu', []), ('gpu', ['--cpu-decode-share', '1']), ('gpu', ['--cpu-decode-share', '0'])):
+            yield measured(' '.join([f'train.py, decode {decode}', *augment, *flags]), workers,
+                           lambda: train_py_speed(config, device, decode, out, *augment, *flags))
     if args.quick:
         for share in args.cpu_shares:
             flags = ['--cpu-decode-share', str(share)]
-            yield measured(' '.join(['train.py, decode gpu', *flags]), workers, lambda: not_here(missing) if missing
-                           else train_py_speed(config, device, 'gpu', out, *flags))
+            yield measured(' '.join(['train.py, decode gpu', *flags]), workers,
+                           lambda: train_py_speed(config, device, 'gpu', out, *flags))
         return
     data_cfg = data_config(config, create_model(config['model']), config['img_size'])
     timed = max(2 * max(workers, 1), args.steps)
@@ -382,10 +389,10 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
         speed, batches = loader_speed(timm_loader(config, data_cfg, device), workers, device, timed)
         return speed, f'{batches} batches'
 
-    yield measured('loader alone: ours, decode cpu, jpeg_draft off', workers, lambda: ours('--no-jpeg-draft'))
-    yield measured('loader alone: ours, decode cpu, jpeg_draft on', workers, lambda: ours('--jpeg-draft'))
-    yield measured('loader alone: ours, decode gpu', workers,
-                   lambda: not_here(missing) if missing else ours('--decode', 'gpu'))
+    yield measured('loader alone: ours, decode cpu, jpeg_draft off', workers,
+                   lambda: ours('--decode', 'cpu', '--no-jpeg-draft'))
+    yield measured('loader alone: ours, decode cpu, jpeg_draft on', workers, lambda: ours('--decode', 'cpu'))
+    yield measured('loader alone: ours, decode gpu', workers, lambda: ours('--decode', 'gpu'))
     yield measured("loader alone: timm's create_loader", workers, timm_alone)
     # train.py with decode: gpu as configured, nvImageCodec's decoder where that is installed, then each
     # cpu_decode_share asked for
@@ -394,8 +401,8 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
         gpu_variants.append(['--gpu-decoder', 'nvimgcodec'])
     gpu_variants += [['--cpu-decode-share', str(share)] for share in args.cpu_shares]
     for flags in gpu_variants:
-        yield measured(' '.join(['train.py, decode gpu', *flags]), workers, lambda: not_here(missing) if missing else
-                       train_py_speed(config, device, 'gpu', out, *flags))
+        yield measured(' '.join(['train.py, decode gpu', *flags]), workers,
+                       lambda: train_py_speed(config, device, 'gpu', out, *flags))
     yield measured('train.py, decode cpu', workers, lambda: train_py_speed(config, device, 'cpu', out))
 
 
@@ -640,6 +647,17 @@ def workers(args):
             'ours, decode gpu, cpu_decode_share 1, workers only': lambda: plain_loader(our_loader(
                 recipe_config(data, args, device, '--decode', 'gpu', '--cpu-decode-share', '1'), data_cfg, device)),
         }
+        if args.auto_augment:
+            augment = ['--auto-augment', args.auto_augment]
+            loaders.update({
+                f'ours, decode cpu, {args.auto_augment}': lambda: plain_loader(
+                    our_loader(recipe_config(data, args, device, *augment), data_cfg, device)),
+                f'ours, decode gpu, cpu_decode_share 1, {args.auto_augment}, workers only': lambda: plain_loader(
+                    our_loader(recipe_config(data, args, device, *augment, '--decode', 'gpu', '--cpu-decode-share',
+                                             '1'), data_cfg, device)),
+                f'ours, decode gpu, {args.auto_augment} drawn, workers only': lambda: plain_loader(our_loader(
+                    recipe_config(data, args, device, *augment, '--decode', 'gpu'), data_cfg, device)),
+            })
         results = {what: max(worker_cost(make, args.batches) for _ in range(args.repeats))
                    for what, make in loaders.items()}
         timm_rate = results["timm's create_loader"]
@@ -649,6 +667,58 @@ def workers(args):
         f'## Loader workers: images per CPU-second, {args.workers} workers, batch {args.batch_size}, '
         f'best of {args.repeats}', '', f'{machine(device)}. Data: {data}. Recipe: {RECIPE.relative_to(REPO)}.', '',
         '| loader | px | images per CPU-second | vs timm |', '|---|---:|---:|---:|', *rows])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + '\n')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# auto-augment ops: PIL's time per image in a loader worker, the device's per batch
+
+# each op's argument at about RandAugment's magnitude 7 of 10 (timm's level functions); the other ops take none
+TYPICAL_ARGUMENTS = {'rotate': 21.0, 'posterize': 2, 'solarize': 77, 'solarize_add': 77, 'contrast': 1.63,
+                     'color': 1.63, 'brightness': 1.63, 'sharpness': 1.63, 'shear_x': 0.21, 'shear_y': 0.21,
+                     'translate_x_rel': 0.315, 'translate_y_rel': 0.315, 'translate_x_abs': 70.0,
+                     'translate_y_abs': 70.0}
+BICUBIC = 3  # PIL's code: the costliest resampling of the geometric ops, which RSB's random interpolation draws half
+FILL = (124, 116, 104)  # timm's img_mean fill
+
+
+def augment_ops(args):
+    """ms per image of each auto-augment op in PIL on one core (best of `repeats` rounds of 50 images), and ms per
+    batch of the device's version on the chosen device, on a crop of an ImageNet-like photo at each size."""
+    device = pick_device(args.device)
+    rows = []
+    for size in args.sizes:
+        photo = draw_photo(np.random.default_rng(0)).resize((size, size), Image.BICUBIC)
+        batch = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).float().to(device)
+        batch = batch[None].repeat(args.batch_size, 1, 1, 1)
+        for name in AUTO_AUGMENT_OPS[1:]:
+            arguments = (TYPICAL_ARGUMENTS[name],) if name in TYPICAL_ARGUMENTS else ()
+            function = getattr(timm.data.auto_augment, name)
+            pil = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for _ in range(50):
+                    function(photo, *arguments, fillcolor=FILL, resample=BICUBIC)
+                pil.append((time.perf_counter() - start) / 50)
+            code = AUTO_AUGMENT_OPS.index(name)
+            layers = torch.tensor([[[code, (arguments or (0.0,))[0], BICUBIC]]], dtype=torch.float64)
+            layers = layers.repeat(args.batch_size, 1, 1)
+            apply_auto_augment_ops(batch.clone(), layers, FILL)  # warm-up: kernels, allocator
+            on_device = []
+            for _ in range(args.repeats):
+                _sync(device)
+                start = time.perf_counter()
+                apply_auto_augment_ops(batch.clone(), layers, FILL)
+                _sync(device)
+                on_device.append(time.perf_counter() - start)
+            rows.append(f'| {name} | {size} | {1000 * min(pil):.3f} | {1000 * min(on_device):.2f} |')
+            print(rows[-1], flush=True)
+    text = '\n'.join([
+        f'## Auto-augment ops: PIL per image (one core) and the device per batch of {args.batch_size}, best of '
+        f'{args.repeats}', '', f'{machine(device)}. Arguments at about magnitude 7; geometric ops bicubic.', '',
+        f'| op | px | PIL ms per image | {device.type} ms per batch |', '|---|---:|---:|---:|', *rows])
     print(text)
     if args.out:
         Path(args.out).write_text(text + '\n')
@@ -721,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--cpu-shares', type=float, nargs='*', default=[],
                    help='also measure train.py with decode: gpu and each of these cpu_decode_share values')
     p.add_argument('--steps', type=int, default=20, help='timed steps of the ceiling (and least loader batches)')
+    p.add_argument('--auto-augment', help="also train.py with this auto-augment (e.g. A3's rand-m6-mstd0.5-inc1) on "
+                   'the CPU path, the split (cpu_decode_share 1) and the device ops (cpu_decode_share 0)')
     p.add_argument('--out', help='also write the table to this markdown file')
     p = sub.add_parser('jpegs', help='make (or find) the generated ImageNet-like JPEGs and print their sizes')
     p.add_argument('--images', type=int, required=True)
@@ -744,6 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-j', '--workers', type=int, default=2)
     p.add_argument('--batches', type=int, default=12, help='batches timed per measurement')
     p.add_argument('--repeats', type=int, default=3, help='measurements per loader: the best counts')
+    p.add_argument('--auto-augment', help='also the loaders with this auto-augment: the CPU path, the workers of the '
+                   'split (cpu_decode_share 1) and of the device ops (their draws only)')
+    p.add_argument('--out', help='also write the table to this markdown file')
+    p = sub.add_parser('augment-ops', help="each auto-augment op's time: PIL per image, the device's per batch")
+    p.add_argument('--sizes', type=int, nargs='+', default=[160, 224])
+    p.add_argument('-b', '--batch-size', type=int, default=256)
+    p.add_argument('--device', default='auto')
+    p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--out', help='also write the table to this markdown file')
     p = sub.add_parser('checkpoint', help='size and write/load time of a checkpoint')
     p.add_argument('--dir', default=None, help='where to write (default: the temp folder)')
@@ -765,7 +845,7 @@ def check_counts(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     commands = {'pipeline': pipeline, 'jpegs': jpegs, 'vs-timm': vs_timm, 'workers': workers, 'checkpoint': checkpoint,
-                'sigterm': sigterm}
+                'sigterm': sigterm, 'augment-ops': augment_ops}
     try:
         check_counts(args)
         commands[args.what](args)

@@ -1,36 +1,36 @@
 #!/usr/bin/env bash
-# The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 9 minutes:
-# environment check, ImageNet-like JPEGs on local disk, the device's JPEG decoders alone, then
-# `tools/benchmark.py pipeline` at 224 and 160 px (batch 256, 14 workers; train.py with decode: gpu on each decoder
-# and with cpu_decode_share 0.5 and 0.75), then the torch.compile rows at 224 px. Everything lands in ${OUT:-out}:
-# run.log (timestamps, exit codes), env.log, jpegs.log, decoders.log, pipeline-224.log, pipeline-160.log,
-# compiled-224.log, and summary.md (the tables).
+# The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 9 minutes, most
+# important first: environment check, ImageNet-like JPEGs on local disk, then `tools/benchmark.py pipeline` at 224 and
+# 160 px (batch 256, 14 workers: the eager ceiling, train.py with decode: auto and what it chose, the CPU_SHARES; at
+# 160 px also A3's RandAugment on the CPU path, the split and the device ops), each auto-augment op's time, train.py
+# with decode: auto on 8 cores (the course project's machine class), the torch.compile rows at 224 px, the device's JPEG
+# decoders alone, and the loader workers' images per CPU-second. Everything lands in ${OUT:-out}: run.log
+# (timestamps, exit codes), one log per step, and summary.md (the tables).
 #
 #   bash tools/device_benchmark.sh              from the repo root, on the GPU machine
 #   TINY=1 bash tools/device_benchmark.sh       the same steps shrunk to run on a CPU in a few minutes (a rehearsal)
 #
-# Each step runs under its own time limit and a failed step does not stop the next; BUDGET (seconds, default 480)
-# bounds the whole. IMAGES, SIZES, STEPS, COMPILE_SIZES, CPU_SHARES and COMPILE_SHARE shape a run to its lease, and
-# QUICK=1 keeps only the ceilings and train.py with decode: gpu at the CPU_SHARES; PYTHON (default python3)
-# and BENCH_DATA (where the JPEGs go) can be set. timm comes from the caller's environment (e.g. PYTHONPATH); this
-# script only checks its version.
+# Each step runs under its own time limit and a failed step does not stop the next; BUDGET (seconds, default 540)
+# bounds the whole. IMAGES, SIZES, STEPS, COMPILE_SIZES, CPU_SHARES and AUTO_AUGMENT shape a run to its lease, and
+# FULL=1 adds the loaders-alone rows to each pipeline table; PYTHON (default python3) and BENCH_DATA (where the JPEGs
+# go) can be set. timm comes from the caller's environment (e.g. PYTHONPATH); this script only checks its version.
 set -u
 OUT=${OUT:-out}
 PYTHON=${PYTHON:-python3}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 if [ "${TINY:-0}" = 1 ]; then
-  DATA=${BENCH_DATA:-/tmp/bench-data-tiny}; IMAGES=256; SIZES="64"; BATCH=32; WORKERS=2; STEPS=2
-  CPU_SHARES=${CPU_SHARES-0.5}; COMPILE_SIZES=${COMPILE_SIZES-}
+  DATA=${BENCH_DATA:-/tmp/bench-data-tiny}; IMAGES=256; SIZES="64 32"; BATCH=16; WORKERS=2; STEPS=2
+  CPU_SHARES=${CPU_SHARES-}; COMPILE_SIZES=${COMPILE_SIZES-}; FEW_CORES="0"; FEW_WORKERS=1
   EXTRA=(--device cpu)
 else
   DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES-"224 160"}; BATCH=256; WORKERS=14
-  STEPS=${STEPS:-20}
+  STEPS=${STEPS:-20}; FEW_CORES="0-7"; FEW_WORKERS=6
   EXTRA=(--device cuda)
 fi
 COMPILE_SIZES=${COMPILE_SIZES-224}  # sizes that also get the torch.compile rows (COMPILE_SIZES= for none)
-CPU_SHARES=${CPU_SHARES-"0.5 0.75"}  # cpu_decode_share values measured with decode: gpu (CPU_SHARES_<size> for one)
-COMPILE_SHARE=${COMPILE_SHARE:-0.5}  # the cpu_decode_share of the compiled train.py row
+CPU_SHARES=${CPU_SHARES-"1.0"}  # cpu_decode_share values measured beside auto's choice (CPU_SHARES_<size> for one)
+AUTO_AUGMENT=${AUTO_AUGMENT-rand-m6-mstd0.5-inc1}  # RSB A3's, measured at the smallest of SIZES
 
 log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }
 
@@ -81,13 +81,33 @@ else:
     print('GPU: none (CUDA not available)')
 EOF
 step jpegs 150 "$PYTHON" tools/benchmark.py jpegs --images "$IMAGES" --cache "$DATA"
+small=$(echo $SIZES | tr ' ' '\n' | sort -n | head -1)
+for size in $SIZES; do
+  shares="CPU_SHARES_$size"  # CPU_SHARES_160=... sets one size's shares
+  step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
+    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
+    --cpu-shares ${!shares-$CPU_SHARES} $( [ "${FULL:-0}" = 1 ] || echo --quick) \
+    $( [ "$size" = "$small" ] && [ -n "$AUTO_AUGMENT" ] && echo --auto-augment "$AUTO_AUGMENT") \
+    --out "$OUT/pipeline-$size.md"
+done
+step augment-ops 90 "$PYTHON" tools/benchmark.py augment-ops --sizes $small -b "$BATCH" "${EXTRA[@]}" \
+  --out "$OUT/pipeline-ops.md"
+# decode: auto with the trainer and its workers on 8 cores, as on the course project's g5.2xlarge (8 vCPU)
+step "cores8-$small" 200 env PYTHONUNBUFFERED=1 taskset -c "$FEW_CORES" "$PYTHON" tools/benchmark.py pipeline \
+  --images "$IMAGES" --cache "$DATA" --img-size "$small" -b "$BATCH" -j "$FEW_WORKERS" --steps "$STEPS" \
+  "${EXTRA[@]}" --quick --out "$OUT/pipeline-$small-cores8.md"
+for size in $COMPILE_SIZES; do  # compiling takes a minute or two, and a run cut short keeps the tables above
+  step "compiled-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
+    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" --compile \
+    --out "$OUT/pipeline-$size-compiled.md"
+done
 # the device's JPEG decoders alone, on batches of the generated files: img/s and the pixels' difference from PIL's
-[ "${QUICK:-0}" = 1 ] || step decoders 60 "$PYTHON" - "$DATA" "$BATCH" "${EXTRA[1]}" <<'EOF'
+step decoders 60 "$PYTHON" - "$DATA" "$BATCH" "${EXTRA[1]}" <<'EOF'
 import sys, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
-from training.gpu_decode import JpegDecoder
+from training.data.device_decode import JpegDecoder
 data, batch, device = Path(sys.argv[1]), int(sys.argv[2]), torch.device(sys.argv[3])
 files = sorted(f for f in data.rglob('*') if f.suffix.lower() in ('.jpg', '.jpeg') and '/train/' in str(f))
 encoded = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files[:4 * batch]]
@@ -110,17 +130,10 @@ for which in ('torchvision', 'nvimgcodec'):
     print(f'{which}: {speed:,.0f} img/s over {len(encoded)} files in batches of {batch} (decoded by {used}); '
           f'mean difference from PIL {diff:.2f} levels of 255')
 EOF
-for size in $SIZES; do
-  shares="CPU_SHARES_$size"  # CPU_SHARES_160=... sets one size's shares
-  step "pipeline-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
-    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" \
-    --cpu-shares ${!shares-$CPU_SHARES} $( [ "${QUICK:-0}" = 1 ] && echo --quick) --out "$OUT/pipeline-$size.md"
-done
-for size in $COMPILE_SIZES; do  # last: compiling takes a minute or two, and a run cut short keeps the tables above
-  step "compiled-$size" 300 env PYTHONUNBUFFERED=1 "$PYTHON" tools/benchmark.py pipeline --images "$IMAGES" \
-    --cache "$DATA" --img-size "$size" -b "$BATCH" -j "$WORKERS" --steps "$STEPS" "${EXTRA[@]}" --compile \
-    --compile-flags="--cpu-decode-share=$COMPILE_SHARE" --out "$OUT/pipeline-$size-compiled.md"
-done
+# one loader worker's images per CPU-second, with and without auto-augment: how many cores auto needs
+step workers 120 "$PYTHON" tools/benchmark.py workers --images "$IMAGES" --cache "$DATA" --sizes $SIZES -b 64 -j 1 \
+  --batches 8 --repeats 2 $( [ -n "$AUTO_AUGMENT" ] && echo --auto-augment "$AUTO_AUGMENT") \
+  --out "$OUT/pipeline-workers.md"
 cat "$OUT"/pipeline-*.md >"$OUT/summary.md" 2>/dev/null
 rm -f "$OUT"/pipeline-*.md  # their tables are in summary.md and in the logs: fewer files come back
 log "done; tables in $OUT/summary.md"

@@ -170,20 +170,3 @@ def test_trivial_augment_wide_ops_match_torchvision(name, magnitude):
         reference = [_apply_op(Image.fromarray(image), name, magnitude, interpolation=interpolation, fill=None)
                      for image in IMAGES]
         assert_matches(apply_one(OPS[op], arg, resample, fill=(0, 0, 0)), reference)
-
-
-CUDA_ARGS = {'rotate': -21.0, 'posterize': 3, 'solarize': 100, 'solarize_add': 40, 'contrast': 1.5, 'color': 0.4,
-             'brightness': 1.3, 'sharpness': 1.7, 'shear_x': 0.2, 'shear_y': -0.25, 'translate_x_rel': 0.3,
-             'translate_y_rel': -0.2, 'translate_x_abs': 9, 'translate_y_abs': -6}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-def test_cuda_gives_the_cpu_result():
-    """Every op in both layers, the geometric ones with every filter."""
-    def layer(op: int, resample: int) -> list:
-        return [op, CUDA_ARGS.get(OPS[op], 0), resample]
-    layers = torch.tensor([[layer(op, FILTERS[op % 3]), layer((op + 5) % len(OPS), FILTERS[(op + 1) % 3])]
-                           for op in range(len(OPS))], dtype=torch.float64)
-    x = as_batch(make_images(len(OPS), seed=2))
-    cpu = apply_ops(x.clone(), layers, TIMM_FILL)
-    assert torch.equal(apply_ops(x.cuda(), layers, TIMM_FILL).cpu(), cpu)

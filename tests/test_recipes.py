@@ -264,3 +264,16 @@ def test_recipe_resolves_and_trains_two_steps_with_its_methods(name, images, tmp
     state = load(run / 'last.pth.tar')
     assert state['progress']['global_step'] == 2
     assert state['config'] == saved
+
+
+@pytest.mark.parametrize('name', [n for n in PUBLISHED if PUBLISHED[n].get('auto_augment')])
+def test_auto_augment_recipes_train_on_the_device_path_too(name, images, tmp_path, one_thread):
+    """Half of each batch auto-augmented by the workers (timm's PIL ops), half by the device's ops."""
+    recipe = load_yaml(recipe_path(name))
+    assert train.main(['-c', str(recipe_path(name)), '--data-dir', str(images), '--output', str(tmp_path),
+                       '--experiment', 'run', *tiny_overrides(recipe), '--decode', 'gpu',
+                       '--cpu-decode-share', '0.5']) == 0
+    state = load(tmp_path / 'run' / 'last.pth.tar')
+    assert state['progress']['global_step'] == 2 and state['progress']['history'][0]['train_loss'] > 0
+    assert (state['config']['decode'], state['config']['cpu_decode_share']) == ('gpu', 0.5)
+    assert state['config']['auto_augment'] == recipe['auto_augment']

@@ -686,7 +686,8 @@ FILL = (124, 116, 104)  # timm's img_mean fill
 
 def augment_ops(args):
     """ms per image of each auto-augment op in PIL on one core (best of `repeats` rounds of 50 images), and ms per
-    batch of the device's version on the chosen device, on a crop of an ImageNet-like photo at each size."""
+    batch of the device's version on the chosen device, on a crop of an ImageNet-like photo at each size; on a GPU
+    also the largest difference of its results from the CPU's (which the tests hold equal to PIL's)."""
     device = pick_device(args.device)
     rows = []
     for size in args.sizes:
@@ -713,12 +714,18 @@ def augment_ops(args):
                 apply_auto_augment_ops(batch.clone(), layers, FILL)
                 _sync(device)
                 on_device.append(time.perf_counter() - start)
-            rows.append(f'| {name} | {size} | {1000 * min(pil):.3f} | {1000 * min(on_device):.2f} |')
+            differs = ''
+            if device.type != 'cpu':  # the device's arithmetic against the CPU's, which the tests match to PIL's
+                few = layers[:8]
+                on_cpu = apply_auto_augment_ops(batch[:8].cpu(), few, FILL)
+                differs = f'{(apply_auto_augment_ops(batch[:8].clone(), few, FILL).cpu() - on_cpu).abs().max():.0f}'
+            rows.append(f'| {name} | {size} | {1000 * min(pil):.3f} | {1000 * min(on_device):.2f} | {differs} |')
             print(rows[-1], flush=True)
     text = '\n'.join([
         f'## Auto-augment ops: PIL per image (one core) and the device per batch of {args.batch_size}, best of '
         f'{args.repeats}', '', f'{machine(device)}. Arguments at about magnitude 7; geometric ops bicubic.', '',
-        f'| op | px | PIL ms per image | {device.type} ms per batch |', '|---|---:|---:|---:|', *rows])
+        f'| op | px | PIL ms per image | {device.type} ms per batch | max difference from the CPU (levels) |',
+        '|---|---:|---:|---:|---:|', *rows])
     print(text)
     if args.out:
         Path(args.out).write_text(text + '\n')

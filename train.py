@@ -12,6 +12,7 @@ permissions: free space and run the same command again), 75 interrupted by a sig
 command again to continue), 128+N a second signal N (exit without saving).
 """
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -492,13 +493,17 @@ def measure_decode_share(t: Trainer, loaders: Loaders, progress: Progress, confi
 
 
 def claim_run_folder(config: dict, procs: Processes) -> tuple:
-    """The run folder, locked by rank 0 for the life of the run: (path, open lock file or None)."""
+    """The run folder, locked by rank 0 for the life of the run: (path, its RunFolderLock or None).
+
+    A run that stops with an error before train() closes the lock releases it as the lock is garbage-collected, and a
+    folder that this run created and wrote nothing into (bad input) goes with it.
+    """
     run_dir = checkpoint.run_folder(config['output'], config['experiment'])
     lock = None
 
     def claim():
         nonlocal lock
-        lock = checkpoint.lock_run_folder(run_dir)
+        lock = checkpoint.RunFolderLock(run_dir)
     distributed.on_primary(claim, procs)
     return run_dir, lock
 
@@ -510,6 +515,8 @@ def resume_or_start(config: dict, procs: Processes, run_dir: Path, t: Trainer, d
     Returns:
         (progress, the checkpoint's state or None)
     """
+    if config['start_over']:  # refused now, before the weights load, rather than once the files are deleted
+        distributed.on_primary(lambda: checkpoint.start_over_files(run_dir, config['initial_checkpoint']), procs)
     path, state = (None, None) if config['start_over'] else \
         checkpoint.find_resume_state(config['resume'], run_dir, procs)
     if state is None:
@@ -573,7 +580,7 @@ def train(config: dict, procs: Processes) -> int:
     t.scheduler.step_update(num_updates=progress.global_step)
     if procs.is_primary:
         if config['start_over']:
-            checkpoint.clear_run_folder(run_dir)
+            checkpoint.clear_run_folder(run_dir, config['initial_checkpoint'])
         reporting.log_to_file(run_dir)
     log_start(config, procs, layout, run_dir)
     speeds = None
@@ -615,10 +622,10 @@ def train(config: dict, procs: Processes) -> int:
         _logger.warning(f'Interrupted: {checkpoints.saved} saved; run the same command again to continue')
         return EXIT_INTERRUPTED
     finally:
+        loaders.train.close()  # first: a worker still alive could hold up W&B's finish (see WandbLogger)
+        loaders.val.close()
         reporter.finish()  # before the handlers go: a signal must not cut W&B's upload short
         stop.uninstall()
-        loaders.train.close()
-        loaders.val.close()
         checkpoints.writing.wait()  # a crash too lets the save in flight finish, in the locked run folder
         if lock is not None:
             lock.close()
@@ -672,7 +679,7 @@ def dry_run_lines(config: dict, world_size: int) -> list:
     ]
     if images is None:
         return lines + [f'train images:   unknown: {source}', 'steps, time and cost need the number of images']
-    steps = images // layout.global_batch  # the last partial batch of an epoch is left out
+    steps = epoch_steps(images, layout)  # the last partial batch of an epoch is left out; none: the run's error
     per_epoch = steps * layout.global_batch
     trained = config['epochs'] * per_epoch
     lines += [f'train images:   {images:,} ({source})',
@@ -696,7 +703,9 @@ def dry_run(config: dict) -> int:
     try:
         world_size = int(os.environ.get('WORLD_SIZE', '1'))
     except ValueError:
-        raise UserError(f"WORLD_SIZE must be a number of processes, got {os.environ['WORLD_SIZE']!r}") from None
+        world_size = 0
+    if world_size < 1:
+        raise UserError(f"WORLD_SIZE must be a number of processes, 1 or more, got {os.environ['WORLD_SIZE']!r}")
     print('\n'.join(dry_run_lines(config, world_size)))
     return 0
 
@@ -717,6 +726,12 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         _logger.error(f'ERROR: {e}')
         return EXIT_NONFINITE
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f'train.py: error: {e.strerror}: {e.filename or "writing the run folder"}; nothing of this start is '
+              'saved: free space and run the same command again', file=sys.stderr)
+        return EXIT_NOT_SAVED
     finally:
         if procs is not None:
             distributed.teardown(procs)

@@ -67,6 +67,8 @@ def test_yaml_float_without_a_dot_is_a_number(tmp_path):
     ('- a list\n', 'must hold a mapping'),
     ('lr: 0.1\nepochs: 3\nlr: 0.2\n', 'lr is given twice (lines 1 and 3)'),
     ('interpolation: random\n', 'random is for training only: set train_interpolation to random'),
+    ('lr: 0.1\n  epochs: 2\n', 'is not valid YAML (line 2, column 9): mapping values are not allowed here'),
+    ('learning_rate: 0.1\n', 'unknown option learning_rate; did you mean lr?'),
 ])
 def test_bad_recipe_stops_with_one_line_and_exit_code_2(tmp_path, capsys, text, message):
     assert train.main(['-c', write_recipe(tmp_path, text)]) == 2
@@ -79,6 +81,8 @@ def test_bad_recipe_stops_with_one_line_and_exit_code_2(tmp_path, capsys, text, 
     (['--lrr', '0.1'], 'unknown option --lrr; did you mean --lr?'),
     (['--batch_size', '8'], 'did you mean --batch-size?'),
     (['--epoch', '3'], 'did you mean --epochs?'),  # no silent prefix match
+    (['--learning-rate', '0.1'], 'unknown option --learning-rate; did you mean --lr?'),
+    (['-j', '-1'], "workers: expected an integer of 0 or more, got '-1'"),
     (['--lr'], 'expected one argument'),
     (['-c', 'no/such/recipe.yaml'], 'recipe not found: no/such/recipe.yaml'),
     (['-c', str(REPO / 'recipes')], f"recipe {REPO / 'recipes'} is a directory, not a YAML file"),
@@ -239,6 +243,14 @@ def test_timm_input_size_sets_the_image_size(tmp_path):
     config = parse_config(['-c', path, '--output', str(tmp_path / 'ours')])
     assert config['img_size'] == 48
     assert config['recipe'] == config['experiment'] == 'timm_run'  # an args.yaml is named by its run folder
+
+
+@pytest.mark.parametrize('per_update', [True, False])
+def test_timm_sched_on_updates_is_read_and_the_per_epoch_default_is_noted(tmp_path, capsys, per_update):
+    config = parse_config(['-c', timm_args(tmp_path, sched_on_updates=per_update), '--output', str(tmp_path)])
+    assert config['sched'] == 'cosine'
+    noted = "timm's sched_on_updates false sets the lr once per epoch; train.py sets it after every update"
+    assert (noted in capsys.readouterr().err) == (not per_update)
 
 
 def test_timm_aug_repeats_and_bce_target_thresh_are_read_as_ours(tmp_path):

@@ -12,8 +12,11 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter, Compose, InterpolationMode, RandomHorizontalFlip, TrivialAugmentWide
 
 import train
+from training import builtin_data
+from training.checkpoint import data_changes
 from training.config import UserError, parse_config
-from training.data import BatchLayout, EvalBatchSampler, TrainBatchSampler, create_train_loader, open_image_folder
+from training.data import (BatchLayout, EvalBatchSampler, TrainBatchSampler, create_train_loader, open_datasets,
+                           open_image_folder)
 import training.data.cpu_path as cpu_path
 from training.data.cpu_path import DraftRandomResizedCrop, SeededSamples, auto_augment_ops, train_transform
 from training.data.sources import DecodeRGB
@@ -259,3 +262,19 @@ def test_posterize_to_no_bits_is_black_where_pillow_13_would_stop_the_run():
         timm_auto_augment.posterize(image, 0)
     assert np.asarray(op(image)).max() == 0
     assert np.array_equal(np.asarray(cpu_path.posterize(image, 2)), np.asarray(timm_auto_augment.posterize(image, 2)))
+
+
+def test_class_folders_swapped_under_the_same_file_names_are_a_data_change(tmp_path):
+    """Many datasets (the built-in shapes too) name the files of every class 00000.jpg, ...: the listing stays."""
+    root = builtin_data.generate(tmp_path / 'shapes', seed=0, train_per_class=3, val_per_class=1, image_size=32)
+    before = open_datasets(root, '', 'train', 'val', None).fingerprint
+    train = root / 'train'
+    first, second = sorted(p.name for p in train.iterdir())[:2]
+    (train / first).rename(train / 'swap')
+    (train / second).rename(train / first)
+    (train / 'swap').rename(train / second)
+    after = open_datasets(root, '', 'train', 'val', None).fingerprint
+    assert after['train_files'] == before['train_files'] and after['class_names'] == before['class_names']
+    assert data_changes(before, after) == ['data files: the images under the same names changed (of the first and '
+                                           'last files of each class, a size or first bytes differ: class folders '
+                                           'swapped or images replaced)']

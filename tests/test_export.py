@@ -65,6 +65,7 @@ def test_model_card_holds_the_runs_facts_and_the_folder_runs_as_a_space(trained,
     row = read_summary(trained / 'summary.csv')[state['epoch']]
     replay = next(line for line in (trained / 'config.yaml').read_text().splitlines() if 'replay' in line)
     assert f"- top-1: {row['ema_val_top1']:.2f} % (ema weights" in card
+    assert "resnet50_custom, trained with this repository's train.py; ema weights of epoch 0.\n" in card
     assert f"- commit: {state['versions']['git']}" in card
     assert f"    {replay.split(': ', 1)[1]}\n" in card
     assert '![training curves](curves.png)' in card and '- data: no manifest recorded' in card
@@ -74,6 +75,28 @@ def test_model_card_holds_the_runs_facts_and_the_folder_runs_as_a_space(trained,
     assert (exported / 'curves.png').read_bytes() == (trained / 'curves.png').read_bytes()
     assert (exported / 'model_defs' / 'resnet_custom.py').is_file()
     assert json.loads((exported / 'config.json').read_text())['export']['weights'] == 'ema'
+
+
+def test_a_mid_epoch_checkpoint_is_exported_as_unevaluated_weights_of_its_epoch_and_step(trained, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    for name in ('summary.csv', 'config.yaml'):
+        shutil.copy(trained / name, run / name)
+    # as Checkpoints.mid_epoch saves it 5 steps into epoch 0, next to summary.csv's row of epoch 0's end
+    state = checkpoint.load(trained / 'last.pth.tar')
+    state.update(epoch=0, progress=dict(state['progress'], epoch=0, step=5, history=[]))
+    torch.save(state, run / 'recovery-0-5.pth.tar')
+    out = tmp_path / 'out'
+    assert export.main(['--checkpoint', str(run / 'recovery-0-5.pth.tar'), '--out', str(out), '--weights', 'ema']) == 0
+    described = 'ema weights of epoch 0 after 5 optimizer steps (a mid-epoch recovery checkpoint: not evaluated)'
+    card = (out / 'README.md').read_text()
+    assert f"resnet50_custom, trained with this repository's train.py; {described}.\n" in card
+    assert ('- top-1: not evaluated (saved after 5 optimizer steps of epoch 0, before its evaluation; validate.py '
+            'measures them)\n') in card
+    assert f"{read_summary(run / 'summary.csv')[0]['ema_val_top1']:.2f} %" not in card
+    assert json.loads((out / 'config.json').read_text())['export'] == dict(
+        tool='tools/export.py', checkpoint=str(run / 'recovery-0-5.pth.tar'), weights='ema', epoch=0, step=5)
+    assert capsys.readouterr().out.splitlines()[0] == f'export.py: resnet50_custom ({described}) written to {out}'
 
 
 def test_a_checkpoint_outside_its_run_folder_says_what_is_not_available(trained, tmp_path):

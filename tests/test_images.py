@@ -2,6 +2,7 @@
 import logging
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_pil_i
 import training.data.bad_images as bad_images
 import training.data.cpu_path as cpu_path
 from training.config import UserError, parse_config
-from training.data import (BatchLayout, LazyImageFolder, create_eval_loader, create_train_loader, open_image_folder,
+from training.data import (BatchLayout, LazyImageFolder, TrainBatchSampler, create_eval_loader, create_train_loader,
+                           open_image_folder,
                            seed_sample)
 from training.data.cpu_path import DraftRandomResizedCrop, SeededSamples
 from training.data.files import dct_scale, decode_crop, open_image
@@ -189,6 +191,8 @@ def write_bad(folder: Path, kind: str, name: str) -> Path:
         path.write_bytes(b'')
     elif kind == 'text':
         path.write_text('<html>not found</html>')
+    elif kind == 'huge':  # 144 megapixels, between PIL's warning and error limits, in a few KB
+        Image.new('1', (12000, 12000)).save(path, format='PNG')
     return path
 
 
@@ -205,7 +209,8 @@ def test_images_pil_can_read_are_decoded_to_rgb_and_not_counted(tmp_path, kind):
 
 
 @pytest.mark.parametrize('kind, reason', [('truncated', 'truncated image data'), ('corrupt', 'corrupt image data'),
-                                          ('empty', 'empty file'), ('text', 'not an image PIL can identify')])
+                                          ('empty', 'empty file'), ('text', 'not an image PIL can identify'),
+                                          ('huge', "above PIL's decompression-bomb limit")])
 def test_a_bad_file_is_replaced_by_the_next_readable_one_under_the_same_seed(tmp_path, kind, reason):
     root = photo_folder(tmp_path, count=6, classes=2)
     write_bad(root / 'train' / 'class0', kind, '002.JPEG')  # index 1: class0 holds 000, 002, 004
@@ -252,6 +257,19 @@ def test_a_training_run_over_too_many_bad_images_exits_with_one_line(tmp_path, s
     assert run_train(data, tmp_path / 'out', '--max-bad-images', '0.0', '-b', '80') == 2  # one step
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('train.py: error: 1 unreadable image(s) in this pass')
+
+
+def test_too_many_bad_images_stop_the_run_at_once_not_after_the_epoch_trained(tmp_path, shapes, capsys):
+    data = Path(shutil.copytree(shapes, tmp_path / 'shapes'))
+    train_set = open_image_folder(data, 'train')
+    sampler = TrainBatchSampler(len(train_set), BatchLayout.create(8, 1, None), 0, parse_config([])['seed'])
+    first = train_set.samples[sampler.epoch_order()[0]][0]  # in the epoch's first batch
+    Path(first).write_bytes(b'')
+    assert run_train(data, tmp_path / 'out', '-b', '8') == 2  # max_bad_images 0.001 of 80 images: none may be bad
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('train.py: error: 1 unreadable image(s) in this pass')
+    steps = re.findall(r'step (\d+)/10', (tmp_path / 'out' / 'run' / 'log.txt').read_text())
+    assert steps == ['1']  # stopped after the batch that met it, not 10 steps later
 
 
 def test_a_run_of_bad_files_stops_with_one_line(tmp_path, monkeypatch):
@@ -304,3 +322,32 @@ def test_the_interpreter_exits_when_a_loader_was_left_open(tmp_path):
     ''')
     done = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == 'left open', done.stderr
+
+
+def test_the_interpreter_exits_when_building_a_loaders_iterator_raised(tmp_path):
+    """The workers start before the sampler's first batch is drawn: an error there, not caught, keeps the iterator
+    alive in its traceback, with workers that no loader can close and that ignore SIGTERM. Python's exit must still
+    end (it waited forever)."""
+    photo_folder(tmp_path, count=8)
+    script = textwrap.dedent(f'''
+        import torch
+        from pathlib import Path
+        from training.config import parse_config
+        from training.data import BatchLayout, create_train_loader, open_image_folder
+        config = parse_config(['--img-size', '32', '-j', '2', '-b', '4'])
+        loader, sampler = create_train_loader(open_image_folder(Path({str(tmp_path)!r}), 'train'), config, {CFG!r},
+                                              BatchLayout.create(4, 1, None), 0, torch.device('cpu'))
+        sampler.epoch_order = lambda: 1 / 0
+        next(iter(loader))
+    ''')
+    done = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().endswith('ZeroDivisionError: division by zero'), done.stderr
+
+
+def test_more_repeats_than_the_batch_is_one_line(tmp_path):
+    """More than the batch is also more than the images (it raised deep in the sampler's first draw)."""
+    config = parse_config(['--img-size', '32', '-b', '8', '--aug-repeats', '500'])
+    with pytest.raises(UserError, match='aug_repeats 500 is more than the global batch of 8') as error:
+        create_train_loader(open_image_folder(photo_folder(tmp_path, count=12), 'train'), config, CFG,
+                            BatchLayout.create(8, 1, None), 0, torch.device('cpu'))
+    assert '\n' not in str(error.value)

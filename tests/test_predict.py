@@ -1,9 +1,13 @@
 import json
 import shutil
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image, ImageFile
 from timm.data import ImageNetInfo
 
 import validate
@@ -91,6 +95,37 @@ def test_folders_are_searched_recursively_and_bad_images_are_listed_and_skipped(
     assert err == sorted([f"predict.py: skipped {photos / 'nested' / 'empty.jpg'}: empty file",
                           f"predict.py: skipped {photos / 'nested' / 'cut.jpg'}: truncated image data",
                           f'predict.py: skipped {named}: not an image PIL can identify'])
+
+
+def blank_png(path: Path, side: int) -> Path:
+    """A black 1-bit PNG of side x side pixels, written without PIL: a few KB on disk, side² bytes once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    rows = bytes(1 + (side + 7) // 8) * side  # each row: filter type 0, then 8 pixels a byte
+    header = struct.pack('>IIBBBBB', side, side, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows, 9))
+                     + chunk(b'IEND', b''))
+    return path
+
+
+def test_image_above_pils_decompression_bomb_limit_is_skipped_undecoded(trained, shapes, tmp_path, capsys,
+                                                                         monkeypatch):
+    huge = blank_png(tmp_path / 'huge.png', 12000)  # 144 megapixels: PIL warns above 89, refuses above 179
+    assert huge.stat().st_size < 50_000
+    good = sorted((shapes / 'val' / 'ring').glob('*.jpg'))[0]
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, 'load', lambda image: decoded.append(image.filename) or load(image))
+    out = tmp_path / 'p.json'
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter('always')
+        assert run_predict('--checkpoint', str(trained / 'last.pth.tar'), '--json', str(out), str(huge),
+                           str(good)) == 0
+    assert str(good) in decoded and str(huge) not in decoded
+    assert [w.message for w in warned if issubclass(w.category, Image.DecompressionBombWarning)] == []
+    assert list(predictions(out)) == [good.resolve()]
+    assert capsys.readouterr().err == f"predict.py: skipped {huge}: above PIL's decompression-bomb limit\n"
 
 
 def not_a_checkpoint(tmp_path) -> Path:

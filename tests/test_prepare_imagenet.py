@@ -2,9 +2,11 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -278,6 +280,126 @@ def test_processes_write_the_same_tree_as_one(tars, tmp_path):
     assert image_tree(many) == image_tree(one)
 
 
+# prepare_imagenet.py taking 0.3 s to write each image, so that a signal finds it halfway as it would a run of hours;
+# each process that writes leaves its pid in the folder argv[2]
+SLOW_RUN = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tools import prepare_imagenet
+
+write_atomic, pids = prepare_imagenet.write_atomic, Path(sys.argv[2])
+
+
+def slow_write(path, data):
+    if path.suffix == '.JPEG':
+        (pids / str(os.getpid())).touch()
+        time.sleep(0.3)
+    write_atomic(path, data)
+
+
+prepare_imagenet.write_atomic = slow_write
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when the tests run in the background
+sys.exit(prepare_imagenet.main(sys.argv[3:]))
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether a process lives: a zombie (ended, not yet collected by a parent) does not."""
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def snapshot(out: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob('*') if p.is_file()}
+
+
+@pytest.fixture
+def pids(tmp_path):
+    """The folder where the processes of SLOW_RUN leave their pids; those still running at the end are killed (a
+    failed test's)."""
+    folder = tmp_path / 'pids'
+    folder.mkdir()
+    yield folder
+    for pid in (int(p.name) for p in folder.iterdir()):
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stop_halfway(tars: dict, out: Path, pids: Path, signum: int) -> tuple:
+    """(exit code, stderr) of a run with 2 workers sent `signum` once its first image is written."""
+    # a file, not a pipe: a pipe's reader would wait for every process that inherited it, workers left running too
+    err = out.parent / 'stderr.txt'
+    with err.open('w') as stderr:
+        run = subprocess.Popen([sys.executable, '-c', SLOW_RUN, str(REPO), str(pids), *args_for(tars, out, jobs=2)],
+                               stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        assert wait_for(lambda: any(out.rglob('*.JPEG')) or run.poll() is not None, 20), 'no image written in 20 s'
+        assert run.poll() is None, err.read_text()
+        run.send_signal(signum)
+        return run.wait(timeout=20), err.read_text()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def assert_resumable(tars: dict, out: Path):
+    """Every unit marked done has all its files; the same command again writes the rest, leaving no .part file."""
+    records = prepare_imagenet.read_records(out, 'train') + prepare_imagenet.read_records(out, 'val')
+    assert len(records) < 4  # stopped halfway
+    for record in records:
+        for path, size in record['files']:
+            assert (out / record['split'] / path).stat().st_size == size
+    assert prepare_imagenet.main(args_for(tars, out)) == 0
+    assert image_tree(out) == source_tree(tars)
+    assert not list(out.rglob('*.part'))
+
+
+linux_only = pytest.mark.skipif(sys.platform != 'linux', reason='reads /proc; a worker outliving its parent is '
+                                                                 'stopped on Linux only (prctl)')
+
+
+@linux_only
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_signal_stops_the_workers_says_so_and_the_same_command_continues(tars, tmp_path, pids, signum):
+    out = tmp_path / 'imagenet'
+    code, err = stop_halfway(tars, out, pids, signum)
+    assert code == 128 + signum
+    assert err == (f'prepare_imagenet.py: interrupted by {signal.Signals(signum).name}: the tars and chunks finished '
+                   'are kept; run the same command again to continue\n')
+    workers = [int(p.name) for p in pids.iterdir()]
+    assert workers and not any(map(running, workers))
+    written = snapshot(out)
+    time.sleep(0.7)  # two more images per worker, had they gone on
+    assert snapshot(out) == written
+    assert_resumable(tars, out)
+
+
+@linux_only
+def test_workers_end_with_a_main_process_killed_outright(tars, tmp_path, pids):
+    out = tmp_path / 'imagenet'
+    assert stop_halfway(tars, out, pids, signal.SIGKILL)[0] == -signal.SIGKILL
+    workers = [int(p.name) for p in pids.iterdir()]
+    # they do not finish their class tars alone: several images of 0.3 s each were left
+    assert workers and wait_for(lambda: not any(map(running, workers)), 1.0)
+    written = snapshot(out)
+    time.sleep(0.7)
+    assert snapshot(out) == written
+    assert_resumable(tars, out)
+
+
 def test_train_or_val_alone(tars, tmp_path):
     root, out = tars['root'], tmp_path / 'imagenet'
     assert prepare_imagenet.main(['--train-tar', str(root / 'ILSVRC2012_img_train.tar'), '--out', str(out)]) == 0
@@ -287,11 +409,22 @@ def test_train_or_val_alone(tars, tmp_path):
     assert manifest(out)['splits'].keys() == {'train', 'val'} and manifest(out)['images'] == 23
 
 
-def test_val_classes_missing_from_train_are_warned_about(tars, tmp_path, capsys):
+def test_val_classes_missing_from_a_train_split_written_earlier_are_warned_about(tars, tmp_path, capsys):
+    # with both tars in one run such labels are refused before anything is written (see BAD_INPUTS)
     (tmp_path / 'synsets.txt').write_text('\n'.join(VAL_SYNSETS[:5] + ['n09999999']) + '\n')
-    assert prepare_imagenet.main(args_for(tars, tmp_path / 'imagenet', labels=str(tmp_path / 'synsets.txt'))) == 0
+    root, out = tars['root'], tmp_path / 'imagenet'
+    assert prepare_imagenet.main(['--train-tar', str(root / 'ILSVRC2012_img_train.tar'), '--out', str(out)]) == 0
+    assert prepare_imagenet.main(['--val-tar', str(root / 'ILSVRC2012_img_val.tar'), '--val-labels',
+                                  str(tmp_path / 'synsets.txt'), '--out', str(out), '-j', '1']) == 0
     assert ('warning: 1 val classes are not in train and 0 train classes not in val: train.py needs the same in both'
             in capsys.readouterr().out)
+
+
+def test_val_image_listed_twice_with_the_same_synset_is_accepted(tars, tmp_path):
+    rows = (tars['root'] / 'LOC_val_solution.csv').read_text().splitlines(keepends=True)
+    (tmp_path / 'repeated.csv').write_text(''.join(rows + rows[3:4]))
+    assert prepare_imagenet.main(args_for(tars, tmp_path / 'imagenet', labels=str(tmp_path / 'repeated.csv'))) == 0
+    assert image_tree(tmp_path / 'imagenet') == source_tree(tars)
 
 
 def test_verdict_names_the_full_set_or_the_part():
@@ -325,6 +458,10 @@ def write_bad_inputs(tmp: Path, val_tar: Path):
     (tmp / 'other.csv').write_text('ImageId,PredictionString\n' + ''.join(
         f'ILSVRC2013_val_{i:08d},n01440764 1 2 3 4\n' for i in range(1, 7)))
     (tmp / 'a_file').write_text('')
+    (tmp / 'twice.csv').write_text('ImageId,PredictionString\n' + ''.join(
+        f'ILSVRC2012_val_{i:08d},{synset} 1 2 3 4\n' for i, synset in enumerate(VAL_SYNSETS, start=1))
+        + 'ILSVRC2012_val_00000003,n09999999 1 2 3 4\n')
+    (tmp / 'made_up.txt').write_text('\n'.join(VAL_SYNSETS[:5] + ['n09999999']) + '\n')
 
 
 # (arguments, the start of the one error line); {train} and {val} are the tars, {tmp} the test's folder
@@ -347,6 +484,13 @@ BAD_INPUTS = {
     'labels of other files': ('--val-tar {val} --val-labels {tmp}/other.csv',
                               'other.csv labels 6 images and ILSVRC2012_img_val.tar holds 6: no label for 6 of'),
     'labels not a text file': ('--val-tar {val} --val-labels {train}', '{train} is not a text file'),
+    'one image, two synsets': ('--val-tar {val} --val-labels {tmp}/twice.csv',
+                               '{tmp}/twice.csv line 8: ILSVRC2012_val_00000003 is labelled n09999999, and n01484850 '
+                               'on line 4: one synset per image; damaged labels file?'),
+    'val synset without a class tar': ('--train-tar {train} --val-tar {val} --val-labels {tmp}/made_up.txt',
+                                       'made_up.txt names synsets that ILSVRC2012_img_train.tar has no class tar '
+                                       'for (1, e.g. n09999999 for ILSVRC2012_val_00000006.JPEG): train.py needs the '
+                                       'same classes in train and val; wrong labels file?'),
     'out is a file': ('--train-tar {train} --out {tmp}/a_file', '--out {tmp}/a_file is a file'),
     'bad quality': ('--train-tar {train} --quality 0', '--quality must be from 1 to 100'),
 }

@@ -32,6 +32,34 @@ def wandb_runs(run_dir):
     return [read_run(path) for path in sorted(run_dir.glob('wandb/offline-run-*/run-*.wandb'))]
 
 
+def test_wandb_starts_its_service_before_any_loader_worker_and_finishes_after_they_end(shapes, tmp_path, offline,
+                                                                                     monkeypatch):
+    """A worker forked while W&B's Popen waits on its exec-error pipe inherits that pipe, and W&B's start then waits
+    until the worker exits (intermittently, 300 s at the end of a run and its W&B data lost)."""
+    import wandb
+    from training.data.workers import CheckedLoader
+    events = []
+
+    def record(name, function):
+        def recorded(*args, **kwargs):
+            events.append((name, threading.current_thread().name))
+            return function(*args, **kwargs)
+        return recorded
+
+    def iterate(loader, real=CheckedLoader.__iter__):
+        events.append(('iterate', threading.current_thread().name))
+        yield from real(loader)
+    monkeypatch.setattr(wandb, 'setup', record('setup', wandb.setup))
+    monkeypatch.setattr(CheckedLoader, '__iter__', iterate)
+    monkeypatch.setattr(CheckedLoader, 'close', record('close', CheckedLoader.close))
+    monkeypatch.setattr(reporting.WandbLogger, 'finish', record('finish', reporting.WandbLogger.finish))
+    assert run_train(shapes, tmp_path, '--epochs', '1', '-j', '2', '--log-wandb') == 0
+    names = [name for name, _ in events]
+    assert events[0] == ('setup', 'MainThread') and names.index('iterate') > 0
+    assert names.index('finish') > max(i for i, name in enumerate(names) if name == 'close')
+    assert wandb_runs(tmp_path / 'run')[0]['history']  # its data arrived
+
+
 def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_path, offline):
     args = ('--log-wandb', '--wandb-tags', 'tiny', 'cpu', '--wandb-group', 'tests', '--eval-metric', 'loss')
     assert run_train(shapes, tmp_path, '--epochs', '1', *args) == 0

@@ -12,7 +12,7 @@ import yaml
 
 import train
 import validate
-from training import builtin_data
+from training import builtin_data, checkpoint
 from training.reporting import TIMING_COLUMNS
 
 from conftest import assert_same_weights, load, run_train, spawn_train, summary
@@ -99,7 +99,7 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_with_a_warning(sha
     rc, log = run_until(shapes, tmp_path, None, None)
     assert rc == 0, log
     assert 'WARNING: skipping checkpoint last.pth.tar' in log
-    assert re.search(r'Resuming \S+recovery-1-3.pth.tar: epoch 1, step 3/5', log)
+    assert re.search(r'Resuming \S+previous.pth.tar: epoch 1, step 0/5', log)
     assert_same_run(tmp_path / 'run', reference)
 
 
@@ -127,6 +127,39 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_class_count(shapes, tmp
     assert 'holds resnet18 with 10 classes; this run trains resnet18 with 5 classes' in capsys.readouterr().err
 
 
+def test_a_finished_run_keeps_no_recovery_files_and_its_rerun_changes_nothing(shapes, tmp_path, reference):
+    assert not list(reference.glob('recovery*'))
+    assert 'deleted its recovery files (recovery-1-1.pth.tar, recovery-1-3.pth.tar)' in \
+        (reference / 'log.txt').read_text()
+    subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)
+    last = (tmp_path / 'run' / 'last.pth.tar').read_bytes()
+    rc, log = run_until(shapes, tmp_path, None, None)
+    assert rc == 0 and re.search(r'Resuming \S+last.pth.tar: epoch 2, step 0/5', log), log
+    assert (tmp_path / 'run' / 'last.pth.tar').read_bytes() == last
+    assert summary(tmp_path / 'run') == summary(reference)
+    assert not list((tmp_path / 'run').glob('recovery*'))
+
+
+def test_only_the_final_epochs_checkpoint_deletes_the_recovery_files_and_only_ours(tmp_path):
+    from training.checkpoint import RunCheckpointSaver
+
+    model = torch.nn.Linear(4, 3)
+    saver = RunCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
+                               recovery_dir=str(tmp_path))
+
+    def state(epoch: int, step: int) -> dict:
+        return dict(saver.snapshot(), config={'model': 'tiny', 'epochs': 3}, progress={'epoch': epoch, 'step': step})
+    (tmp_path / 'recovery-old.pth.tar').write_bytes(b'mine')
+    saver.save_mid_epoch(1, 2, state(1, 2))
+    saver.save_epoch(1, 50.0, state(2, 0))
+    saver.save_mid_epoch(2, 2, state(2, 2))
+    assert sorted(p.name for p in tmp_path.glob('recovery*')) == ['recovery-1-2.pth.tar', 'recovery-2-2.pth.tar',
+                                                                  'recovery-old.pth.tar']
+    saver.save_epoch(2, 60.0, state(3, 0))
+    assert sorted(p.name for p in tmp_path.glob('recovery*')) == ['recovery-old.pth.tar']
+    assert load(tmp_path / 'last.pth.tar')['progress'] == {'epoch': 3, 'step': 0}
+
+
 def test_start_over_needs_the_flag_and_then_begins_afresh(shapes, tmp_path):
     assert run_train(shapes, tmp_path, '--epochs', '1') == 0
     first = summary(tmp_path / 'run')
@@ -140,8 +173,8 @@ def test_start_over_needs_the_flag_and_then_begins_afresh(shapes, tmp_path):
 
 def test_explicit_resume_path_continues_from_that_checkpoint(shapes, tmp_path, reference):
     shutil.copytree(reference, tmp_path / 'old')
-    rc, log = run_until(shapes, tmp_path, None, None, '--resume', str(tmp_path / 'old' / 'recovery-1-1.pth.tar'))
-    assert rc == 0 and 'Resuming' in log and 'epoch 1, step 1/5' in log
+    rc, log = run_until(shapes, tmp_path, None, None, '--resume', str(tmp_path / 'old' / 'previous.pth.tar'))
+    assert rc == 0 and 'Resuming' in log and 'epoch 1, step 0/5' in log
     assert_same_run(tmp_path / 'run', reference)
 
 
@@ -171,8 +204,6 @@ def test_previous_protects_the_run_when_last_and_its_hard_links_are_damaged(shap
     is the epoch before, another file, so the run resumes from it."""
     subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)  # keeps the hard links
     run_dir = tmp_path / 'run'
-    for recovery in run_dir.glob('recovery-*'):
-        recovery.unlink()
     last = run_dir / 'last.pth.tar'
     assert last.stat().st_ino == (run_dir / 'model_best.pth.tar').stat().st_ino
     assert last.stat().st_ino != (run_dir / 'previous.pth.tar').stat().st_ino
@@ -203,13 +234,23 @@ def test_renamed_or_swapped_class_folders_are_refused_on_resume(shapes, tmp_path
     assert 'data files: the list of training images and their labels changed' in capsys.readouterr().err
 
 
-def test_a_checkpoint_a_safe_load_refuses_stops_the_run_and_stays(shapes, tmp_path, capsys):
+class RunsACommand:
+    """A malicious pickle: unpickling it would run a shell command."""
+
+    def __reduce__(self):
+        return os.system, ('echo pwned',)
+
+
+@pytest.mark.parametrize('refused, named', [('fraction', 'fractions.Fraction'), ('command', 'posix.system')])
+def test_a_checkpoint_a_safe_load_refuses_stops_the_run_naming_the_class_and_stays(shapes, tmp_path, capsys, refused,
+                                                                                   named):
     import fractions
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    torch.save({'progress': {'epoch': 0, 'step': 1}, 'lr': fractions.Fraction(1, 10)}, run_dir / 'last.pth.tar')
+    value = fractions.Fraction(1, 10) if refused == 'fraction' else RunsACommand()
+    torch.save({'progress': {'epoch': 0, 'step': 1}, 'lr': value}, run_dir / 'last.pth.tar')
     assert run_train(shapes, tmp_path) == 2
-    assert 'holds objects that a safe load refuses (fractions.Fraction)' in capsys.readouterr().err
+    assert f'holds objects that a safe load refuses ({named})' in capsys.readouterr().err
     assert (run_dir / 'last.pth.tar').exists()
 
 
@@ -222,6 +263,32 @@ def test_a_checkpoint_of_another_trainer_in_the_run_folder_stops_the_run_in_one_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'is not a checkpoint of train.py' in err[0]
     assert (run_dir / 'last.pth.tar').exists()
+
+
+@pytest.mark.parametrize('content', ['state dict', 'timm checkpoint', 'tensor'])
+def test_a_file_of_another_program_under_a_checkpoint_name_stops_the_run_in_one_line(shapes, tmp_path, capsys,
+                                                                                         content):
+    import argparse
+    weights = {'conv1.weight': torch.zeros(4, 3, 7, 7)}
+    saved = {'state dict': weights, 'tensor': torch.zeros(3),
+             'timm checkpoint': {'epoch': 3, 'arch': 'resnet50', 'state_dict': weights, 'optimizer': {},
+                                 'version': 2, 'args': argparse.Namespace(model='resnet50'), 'metric': 50.0}}[content]
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    torch.save(saved, run_dir / 'checkpoint-3.pth.tar')
+    assert run_train(shapes, tmp_path) == 2
+    why = 'it holds a Tensor, not a dict' if content == 'tensor' else 'it holds no training progress'
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f'train.py: error: {run_dir}/checkpoint-3.pth.tar is not a checkpoint of train.py ({why}); move it out of the '
+        'run folder, or use --initial-checkpoint']
+    assert sorted(p.name for p in run_dir.iterdir()) == ['.train.lock', 'checkpoint-3.pth.tar']
+
+
+def test_a_users_files_in_the_run_folder_are_neither_resumed_nor_set_aside(tmp_path):
+    torch.save({'conv1.weight': torch.zeros(4, 3, 7, 7)}, tmp_path / 'pretrained.pth.tar')
+    (tmp_path / 'recovery-old.pth.tar').write_bytes(b'PK\x03\x04 not the rest of a zip')
+    assert checkpoint.newest_valid(tmp_path) == (None, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['pretrained.pth.tar', 'recovery-old.pth.tar']
 
 
 def test_damaged_checkpoints_alone_never_restart_the_run_silently(shapes, tmp_path, capsys):
@@ -251,18 +318,27 @@ def test_allowed_changes_take_effect_on_resume(shapes, tmp_path):
     assert 'the EMA starts from the current weights' in (tmp_path / 'run' / 'log.txt').read_text()
 
 
-def test_a_repeated_signal_within_the_grace_period_is_the_same_notice(monkeypatch):
+def test_a_repeated_signal_within_the_grace_period_is_the_same_notice(monkeypatch, tmp_path, capfd):
+    import logging
     from training.distributed import Processes, StopRequest
 
     exits = []
     monkeypatch.setattr(os, '_exit', exits.append)
-    stop = StopRequest(Processes(0, 1, 0, torch.device('cpu')))
-    stop._handle(signal.SIGTERM, None)
-    stop._handle(signal.SIGTERM, None)  # torchrun's forwarded copy
-    assert stop.agreed() == [True] and exits == []
-    stop.received_at -= StopRequest.REPEAT_GRACE + 1
-    stop._handle(signal.SIGINT, None)  # a real second request
+    log = logging.FileHandler(tmp_path / 'log.txt')
+    logging.getLogger().addHandler(log)
+    try:
+        stop = StopRequest(Processes(0, 1, 0, torch.device('cpu')))
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGTERM, None)  # torchrun's forwarded copy
+        assert stop.agreed() == [True] and exits == []
+        stop.received_at -= StopRequest.REPEAT_GRACE + 1
+        stop._handle(signal.SIGINT, None)  # a real second request
+    finally:
+        logging.getLogger().removeHandler(log)
+        log.close()
     assert exits == [128 + signal.SIGINT]
+    said = 'SIGINT received again: exiting at once, without saving; the next run resumes from the newest checkpoint'
+    assert said in capfd.readouterr().err and said in (tmp_path / 'log.txt').read_text()
 
 
 def test_the_device_path_resumes_exactly_and_decode_auto_keeps_the_checkpoints_choice(shapes, tmp_path):
@@ -312,7 +388,7 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_of_its_snapshot(
                                recovery_dir=str(tmp_path))
     expected = copy.deepcopy(dict(model=model.state_dict(), ema=ema.module.state_dict(),
                                   optimizer=optimizer.state_dict()))
-    state = dict(saver.snapshot(), config={'model': 'tiny'}, progress={'epoch': 1, 'step': 0})
+    state = dict(saver.snapshot(), config={'model': 'tiny', 'epochs': 2}, progress={'epoch': 1, 'step': 0})
     train_step()  # before the write starts: only a copy keeps the snapshot's values
     writing = BackgroundSave()
     writing.start(lambda: saver.save_epoch(0, 50.0, state))

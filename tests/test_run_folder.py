@@ -3,8 +3,12 @@ not be saved never ends as if it had."""
 import os
 import re
 import signal
+import threading
+from pathlib import Path
 
 import pytest
+import timm
+import torch
 
 from training import checkpoint
 
@@ -129,3 +133,95 @@ def test_a_stop_right_after_an_epoch_checkpoint_says_what_was_saved(shapes, tmp_
     assert 'Interrupted: the epoch 0 checkpoint saved; run the same command again to continue' in log
     assert not re.search(r'Saving recovery checkpoint', log)
     assert load(tmp_path / 'run' / 'last.pth.tar')['progress']['epoch'] == 1
+
+
+def test_start_over_deletes_our_files_by_their_exact_names_and_keeps_look_alikes(tmp_path):
+    run_dir = tmp_path / 'run'
+    (run_dir / 'wandb' / 'run-1').mkdir(parents=True)
+    (run_dir / 'config.yaml').write_text(checkpoint.CONFIG_HEADER + ' of run run\n')
+    ours = ['config.yaml.tmp', 'log.txt', 'summary.csv', 'summary.csv.tmp', 'curves.png', 'curves.png.tmp.png',
+            'last.pth.tar', 'previous.pth.tar', 'model_best.pth.tar', 'checkpoint-12.pth.tar', 'recovery-3-250.pth.tar',
+            'recovery-3-250.pth.tar.corrupt', 'tmp.pth.tar', 'recovery_tmp.pth.tar', 'previous.tmp.pth.tar']
+    users = ['pretrained.pth.tar', 'notes.tmp', 'plot.tmp.png', 'weights.tmp.pth.tar', 'checkpoint-best.pth.tar',
+             'recovery-old.pth.tar', 'last.pth.tar.bak', 'mine.pth.tar.corrupt']
+    for name in ours + users:
+        (run_dir / name).write_bytes(b'x')
+    checkpoint.clear_run_folder(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(users)
+
+
+def test_start_over_refuses_to_delete_the_initial_checkpoint_it_starts_from(shapes, tmp_path, capsys):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    (run_dir / 'config.yaml').write_text(checkpoint.CONFIG_HEADER + ' of run run\n')
+    best = run_dir / 'model_best.pth.tar'
+    weights = timm.create_model('resnet50_custom', num_classes=10).state_dict()
+    torch.save({'state_dict': weights, 'state_dict_ema': weights}, best)
+    assert run_train(shapes, tmp_path, '--start-over', '--initial-checkpoint', str(best)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f'train.py: error: --initial-checkpoint {best} is a file of the run that --start-over deletes: '
+                   f'copy it out of {run_dir} first and start from the copy']
+    assert sorted(p.name for p in run_dir.iterdir()) == ['.train.lock', 'config.yaml', 'model_best.pth.tar']
+
+
+def children(pid: int) -> list:
+    """The processes whose parent is pid."""
+    found = []
+    for stat in Path('/proc').glob('[0-9]*/stat'):
+        try:
+            state_and_parent = stat.read_text().rsplit(')', 1)[1].split()[:2]
+        except OSError:  # ended meanwhile
+            continue
+        if int(state_and_parent[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def test_a_killed_trainer_frees_its_run_folder_while_its_loader_workers_live_on(shapes, tmp_path, capsys):
+    """SIGKILL (the OOM killer) ends the trainer alone; its loader workers notice within 5 s (torch's check of their
+    parent). A second start within that time finds the run folder free."""
+    first = spawn_train(shapes, tmp_path, '--epochs', '50', '-j', '2')
+    watchdog = threading.Timer(120, first.kill)  # a start that hangs fails the test instead of hanging it
+    watchdog.start()
+    workers = []
+    try:
+        for line in first.stdout:
+            if 'epoch 0 step 1/' in line:
+                break
+        workers = children(first.pid)
+        assert len(workers) == 2
+        first.kill()
+        assert first.wait(timeout=10) == -signal.SIGKILL
+        assert all(running(pid) for pid in workers)
+        assert run_train(shapes, tmp_path, '--epochs', '1') == 0
+        assert 'in use by another train.py' not in capsys.readouterr().err
+    finally:
+        watchdog.cancel()
+        first.kill()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert len(summary(tmp_path / 'run')) == 1
+
+
+def test_a_run_stopped_by_bad_input_leaves_no_run_folder_behind(tmp_path, capsys):
+    assert run_train(tmp_path / 'typo', tmp_path) == 2  # no dataset: found once the run folder is claimed
+    assert 'no dataset at' in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == []
+    (tmp_path / 'mine').mkdir()  # a folder made beforehand is not this run's to remove
+    assert run_train(tmp_path / 'typo', tmp_path, experiment='mine') == 2
+    assert (tmp_path / 'mine').is_dir()
+
+
+def test_a_blank_experiment_name_is_refused_in_one_line(shapes, tmp_path, capsys):
+    assert run_train(shapes, tmp_path, experiment=' ') == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["train.py: error: experiment must be a folder name, not "
+                                                            "blank: ' '"]
+    assert sorted(tmp_path.iterdir()) == []

@@ -254,6 +254,18 @@ def test_dry_run_prints_the_plan_of_a_recipe_with_accumulation_and_writes_nothin
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('world_size, args, message', [
+    ('0', [], "WORLD_SIZE must be a number of processes, 1 or more, got '0'"),
+    ('-2', [], "WORLD_SIZE must be a number of processes, 1 or more, got '-2'"),
+    ('two', [], "WORLD_SIZE must be a number of processes, 1 or more, got 'two'"),
+    ('1', ['-b', '4096'], 'the training set (80 images) is smaller than one batch of 4096')])
+def test_dry_run_refuses_what_the_run_refuses_in_one_line(shapes, capsys, monkeypatch, world_size, args, message):
+    monkeypatch.setenv('WORLD_SIZE', world_size)
+    assert train.main(['--data-dir', str(shapes), *args, '--dry-run']) == 2
+    err = capsys.readouterr().err
+    assert err == f'train.py: error: {message}\n'
+
+
 def test_dry_run_without_the_dataset_prints_what_it_can(tmp_path, capsys):
     out = dry_run(capsys, '--data-dir', str(tmp_path / 'missing'), '-b', '256', '--output', str(tmp_path / 'runs'))
     assert 'global batch:   256 = 1 GPU(s) x 1 accumulated x 256 per device' in out

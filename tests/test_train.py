@@ -1,5 +1,7 @@
+import errno
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -122,6 +124,20 @@ def test_unwritable_output_fails_before_training(shapes, tmp_path, capsys):
     assert run_train(shapes, blocker) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'cannot write to the run folder' in err[0]
+
+
+def test_a_disk_full_at_the_start_is_one_line_and_exit_74(shapes, tmp_path, capsys, monkeypatch):
+    write_text = Path.write_text
+
+    def full(path, *args, **kwargs):
+        if path.name.endswith('.tmp'):
+            raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        return write_text(path, *args, **kwargs)
+    monkeypatch.setattr(Path, 'write_text', full)  # config.yaml goes first through a .tmp file
+    assert run_train(shapes, tmp_path, '--epochs', '1') == 74
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"train.py: error: No space left on device: {tmp_path / 'run' / 'config.yaml.tmp'}")
+    assert not (tmp_path / 'run' / 'config.yaml.tmp').exists()
 
 
 def test_torch_compile_trains_and_saves_clean_state_dicts(shapes, tmp_path):

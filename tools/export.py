@@ -9,7 +9,8 @@ Writes, in the layout timm's Hub loader reads (`timm.create_model('local-dir:DIR
     model.safetensors  the chosen weights (default: those that earned the checkpoint its metric)
     config.json        architecture, num_classes, class names and the evaluation preprocessing (pretrained_cfg)
     README.md          model card: recipe, top-1, data, commit, curves, the command that trains it again; its header
-                       also makes the folder a Gradio Space
+                       also makes the folder a Gradio Space. The weights of a mid-epoch recovery checkpoint are named
+                       by epoch and step, as never evaluated
     app.py, classifier.py, requirements.txt   the web demo (demo/), and model_defs/ for our own architectures
     curves.png, train_config.yaml             from the run folder, when there
     model.onnx         with --onnx, checked against PyTorch's outputs when onnxruntime is installed
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from timm.models import save_for_hf
@@ -82,6 +84,24 @@ def check_onnx_packages():
                         '(onnxruntime checks the export)')
 
 
+def mid_epoch_step(state: dict) -> Optional[int]:
+    """The optimizer steps done in its epoch by the weights of a mid-epoch (recovery) checkpoint; None for an epoch's
+    end. A recovery checkpoint's progress is still in the epoch the checkpoint names, an epoch end's is in the next."""
+    progress = state.get('progress')
+    if (not progress) or (progress.get('epoch') != state.get('epoch')):
+        return None
+    return progress.get('step')
+
+
+def weights_described(state: dict, weights: str) -> str:
+    """Which weights these are, for the model card and the output: a recovery checkpoint's are not those of the
+    epoch's end, and were never evaluated."""
+    step = mid_epoch_step(state)
+    described = f"{weights} weights of epoch {state.get('epoch')}"
+    return described if step is None else (f'{described} after {step} optimizer steps (a mid-epoch recovery '
+                                           'checkpoint: not evaluated)')
+
+
 def logged_top1(run_dir: Path, epoch: int, weights: str):
     """The top-1 that summary.csv logged for these weights at the checkpoint's epoch; None when not there."""
     try:
@@ -127,9 +147,14 @@ def card_header(title: str, imagenet: bool) -> list:
 
 def card_facts(state: dict, weights: str, data_cfg: dict, run_dir: Path) -> list:
     config, versions, epoch = state.get('config') or {}, state.get('versions') or {}, state.get('epoch')
-    top1 = logged_top1(run_dir, epoch, weights)
-    top1 = (f"{top1:.2f} % ({weights} weights, validation set, from the run's summary.csv)" if top1 is not None
-            else f'not available (no summary.csv next to the checkpoint with a row for epoch {epoch})')
+    step, top1 = mid_epoch_step(state), logged_top1(run_dir, epoch, weights)
+    if step is not None:  # summary.csv's row for this epoch measured the weights at its end, not these
+        top1 = (f'not evaluated (saved after {step} optimizer steps of epoch {epoch}, before its evaluation; '
+                'validate.py measures them)')
+    elif top1 is not None:
+        top1 = f"{top1:.2f} % ({weights} weights, validation set, from the run's summary.csv)"
+    else:
+        top1 = f'not available (no summary.csv next to the checkpoint with a row for epoch {epoch})'
     return [
         f'- recipe: {config.get("recipe") or "none (options on the command line)"}',
         f'- top-1: {top1}',
@@ -160,7 +185,7 @@ def model_card(state: dict, weights: str, data_cfg: dict, run_dir: Path, archite
     title = f"{architecture} {(state.get('config') or {}).get('experiment') or ''}".strip()
     lines = card_header(title, imagenet) + [
         f'# {title}', '',
-        f"{architecture}, trained with this repository's train.py; {weights} weights of epoch {state.get('epoch')}.",
+        f"{architecture}, trained with this repository's train.py; {weights_described(state, weights)}.",
         '', *card_facts(state, weights, data_cfg, run_dir)]
     if (run_dir / 'curves.png').is_file():
         lines += ['## Training curves', '', '![training curves](curves.png)', '']
@@ -212,6 +237,9 @@ def export(args) -> Path:
     clear_earlier_export(out)
     out.mkdir(parents=True, exist_ok=True)
     export_info = dict(tool=MARKER, checkpoint=str(args.checkpoint), weights=weights, epoch=state.get('epoch'))
+    step = mid_epoch_step(state)
+    if step is not None:
+        export_info['step'] = step  # of a mid-epoch checkpoint
     labels = dict(label_names=classifier.label_names)
     if classifier.label_descriptions:
         labels['label_descriptions'] = classifier.label_descriptions
@@ -226,7 +254,7 @@ def export(args) -> Path:
     imagenet = classifier.label_descriptions is not None
     (out / 'README.md').write_text(model_card(state, weights, classifier.data_cfg, run_dir, architecture, imagenet,
                                               own_architecture))
-    print(f'export.py: {architecture} ({weights} weights of epoch {state.get("epoch")}) written to {out}')
+    print(f'export.py: {architecture} ({weights_described(state, weights)}) written to {out}')
     if args.onnx:
         print(f'export.py: {out / "model.onnx"}: {export_onnx(model, classifier.data_cfg, out / "model.onnx")}')
     return out

@@ -7,7 +7,8 @@
 Model, weights and preprocessing (size, crop, interpolation, mean, std) come from the checkpoint as validate.py takes
 them. Classes are named by ImageNet's synset table (shipped with timm) for ImageNet-1k checkpoints, by the class
 folders the run trained on otherwise. Folders are searched recursively for image files; images that cannot be read are
-listed, one line each, and skipped. Exit code 2 when no image could be classified.
+listed, one line each, and skipped, as are images above PIL's decompression-bomb limit (89 megapixels), which are not
+decoded. Exit code 2 when no image could be classified.
 """
 import argparse
 import json
@@ -23,9 +24,8 @@ import validate  # noqa: E402
 from demo.classifier import Classifier, top_k_lines  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import OneLineParser, UserError  # noqa: E402
-from training.data import data_config  # noqa: E402
+from training.data import REASONS, BadImage, data_config, open_rgb  # noqa: E402
 from training.distributed import pick_device  # noqa: E402
-from training.data import REASONS, BadImage, open_rgb  # noqa: E402
 
 
 def parse_args(argv=None):

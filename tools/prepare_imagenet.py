@@ -5,16 +5,21 @@
         --val-labels LOC_val_solution.csv --out data/imagenet [--max-side 500] [--quality 90] [-j 16]
 
 Either tar may be left out. --val-labels is Kaggle's LOC_val_solution.csv or a list of synsets in file order, as for
-tools/sort_imagenet_val.py. Without --max-side and --quality the images are copied byte for byte; with either, every
-image is decoded and saved again as a JPEG of that quality (default 90), its longer side at most --max-side.
+tools/sort_imagenet_val.py; labels that give an image two synsets, or a synset the train tar has no class tar for, are
+refused before anything is written. Without --max-side and --quality the images are copied byte for byte; with either,
+every image is decoded and saved again as a JPEG of that quality (default 90), its longer side at most --max-side.
 
 A stopped run continues when run again: each class tar, and each chunk of 1,000 validation images, is marked done
 in OUT/.prepare_imagenet/ once all its files are written, and files are renamed into place only when complete.
+SIGINT (Ctrl-C) and SIGTERM end the worker processes before the tool exits; on Linux they also end with a tool killed
+outright.
+
 OUT/manifest.json describes the result; its sha256 is that of the tree's listing:
     cd OUT && find train val -type f -printf '%p\\t%s\\n' | LC_ALL=C sort | sha256sum
 """
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -46,6 +51,7 @@ VAL_CHUNK = 1000  # validation images per unit of work: about the bytes of one c
 STATE = '.prepare_imagenet'
 MANIFEST_FORMAT = 1
 SHOWN_FILES = 50  # bad files printed; the manifest lists all
+PR_SET_PDEATHSIG = 1  # prctl's option, from linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,18 @@ def val_labels(path: Path) -> dict:
         return read_labels(path)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def check_val_classes(train_tar: Path, class_tars: list, labels_path: Path, chunks: list):
+    """Refuse val labels naming a synset that the train tar has no class tar for: train.py needs the same classes in
+    both splits, and a made-up synset would be written and counted as a class."""
+    classes = {unit.key for unit in class_tars}
+    unknown = {synset: name for chunk in chunks for name, synset, _, _ in chunk.images if synset not in classes}
+    if unknown:
+        synset, name = min(unknown.items())
+        raise UserError(f'{labels_path.name} names synsets that {train_tar.name} has no class tar for '
+                        f'({len(unknown):,}, e.g. {synset} for {PurePosixPath(name).name}): train.py needs the same '
+                        'classes in train and val; wrong labels file?')
 
 
 def check_labels_match(tar: Path, images: dict, labels_path: Path, labels: dict):
@@ -272,9 +290,47 @@ def process_unit(unit: Unit, out: Path, settings: Settings) -> dict:
     return record
 
 
-def _ignore_sigint():
-    # Ctrl-C stops the main process, which then stops the workers; a worker's own traceback would only add noise
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main process wherever it is. A BaseException, as KeyboardInterrupt is, so that
+    the `except Exception` around the decoding of one image does not take it for a bad image."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT and SIGTERM raise Interrupted while the run lasts, so that leaving the pool's block terminates its
+    workers before this process ends. A signal that whoever started us ignores (SIGINT of a background job) stays
+    ignored."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _worker_signals(parent: int):
+    """Ctrl-C reaches every process of the terminal: the main process alone handles it, and terminates the workers.
+    SIGTERM, which terminate() sends, ends a worker at once and silently (the handler inherited from the main process
+    would print a traceback): the unit it was writing has no record yet, so a rerun writes all of it again. On Linux a
+    worker also ends when the main process dies without terminating it (SIGKILL, out of memory), rather than finish
+    its units alone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the main process died before prctl took effect
+            os._exit(1)
 
 
 def run_units(units: list, out: Path, settings: Settings, jobs: int, progress: 'Progress'):
@@ -283,7 +339,8 @@ def run_units(units: list, out: Path, settings: Settings, jobs: int, progress: '
         for record in map(work, units):
             progress.advance(record)
         return
-    with multiprocessing.Pool(min(jobs, len(units)), initializer=_ignore_sigint) as pool:
+    # leaving the block, on an error or Interrupted too, terminates the workers and waits for them to end
+    with multiprocessing.Pool(min(jobs, len(units)), initializer=_worker_signals, initargs=(os.getpid(),)) as pool:
         for record in pool.imap_unordered(work, units):
             progress.advance(record)
 
@@ -534,6 +591,8 @@ def prepare(args: argparse.Namespace) -> int:
         sources['train'] = source_of(args.train_tar, class_tars)
     if args.val_tar:
         chunks = val_units(args.val_tar, args.val_labels)
+        if args.train_tar:
+            check_val_classes(args.train_tar, class_tars, args.val_labels, chunks)
         units += chunks
         sources['val'] = source_of(args.val_tar, chunks, args.val_labels)
     out = args.out
@@ -576,13 +635,16 @@ def write_and_verify(out: Path, units: list, state: dict, settings: Settings, jo
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return prepare(args)
+        with interruptible():
+            return prepare(args)
     except UserError as e:
         print(f'prepare_imagenet.py: error: {e}', file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print('\nprepare_imagenet.py: interrupted; run the same command again to continue', file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        end_progress_line = '\n' if sys.stderr.isatty() else ''
+        print(f'{end_progress_line}prepare_imagenet.py: interrupted by {e}: the tars and chunks finished are kept; run '
+              'the same command again to continue', file=sys.stderr)
+        return 128 + e.signum  # the code a shell gives a process that the signal ended
     except OSError as e:  # a full disk, a tar that went away: what was done is kept
         print(f'prepare_imagenet.py: error: {e}; run the same command again to continue', file=sys.stderr)
         return 1

@@ -39,12 +39,18 @@ def read_labels(path: Path) -> dict:
 
 
 def _read_kaggle_csv(path: Path, text: str) -> dict:
-    labels = {}
+    """A row repeated with the same synset labels its image all the same; with another synset the image's class would
+    depend on the order of the rows of a damaged or merged file: refused."""
+    labels, first_line = {}, {}
     for line, row in enumerate(csv.DictReader(io.StringIO(text, newline='')), start=2):
         synset = (row.get('PredictionString') or '').split()[:1]
         if not row.get('ImageId') or not synset or not SYNSET.fullmatch(synset[0]):
             raise ValueError(f'{path} line {line}: expected ImageId,PredictionString with the synset first')
-        labels[f"{row['ImageId']}.JPEG"] = synset[0]
+        name = f"{row['ImageId']}.JPEG"
+        if labels.setdefault(name, synset[0]) != synset[0]:
+            raise ValueError(f"{path} line {line}: {row['ImageId']} is labelled {synset[0]}, and {labels[name]} on "
+                             f'line {first_line[name]}: one synset per image; damaged labels file?')
+        first_line.setdefault(name, line)
     return labels
 
 

@@ -2,18 +2,22 @@
 
 Files in a run folder (timm's layout): `last` and `previous` (the two newest epoch ends), `checkpoint-E` (the best
 `checkpoint_hist` epochs), `model_best`, and `recovery-E-S` (the two newest mid-epoch states, S optimizer steps into
-epoch E). Every file holds everything needed to continue; the newest one that loads is resumed.
+epoch E, deleted once the final epoch's checkpoint is saved). Every file holds everything needed to continue; the
+newest one that loads is resumed.
 """
 import argparse
+import errno
 import fcntl
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import socket
 import subprocess
 import threading
+import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -29,6 +33,9 @@ from .distributed import on_primary
 _logger = logging.getLogger(__name__)
 
 EXTENSION = '.pth.tar'
+# the checkpoints a run writes, by their names (timm's CheckpointSaver and `previous`); other files are the user's
+CHECKPOINT_NAME = re.compile(r'(last|previous|model_best|checkpoint-\d+|recovery-\d+-\d+)' + re.escape(EXTENSION))
+RECOVERY_NAME = re.compile(r'recovery-(\d+)-(\d+)' + re.escape(EXTENSION))
 
 
 @dataclass
@@ -98,7 +105,8 @@ class RunCheckpointSaver(CheckpointSaver):
         return cpu_copy(state)
 
     def save_epoch(self, epoch: int, metric: float, run_state: dict):
-        """`last` (the old one becomes `previous`), plus `checkpoint-E` and `model_best` when it ranks.
+        """`last` (the old one becomes `previous`), plus `checkpoint-E` and `model_best` when it ranks. Once `last`
+        holds the finished run, the recovery files go: nothing resumes from them any more.
 
         Args:
             run_state: snapshot() and the rest of the run's state (progress, RNG states, config, ...).
@@ -108,6 +116,8 @@ class RunCheckpointSaver(CheckpointSaver):
             self.save_checkpoint(epoch, metric)
         finally:
             self._run_state = None
+        if run_state['progress']['epoch'] >= run_state['config']['epochs']:
+            self.remove_recovery_files()
 
     def save_mid_epoch(self, epoch: int, step: int, run_state: dict):
         """`recovery-E-S`; the two newest are kept."""
@@ -144,12 +154,39 @@ class RunCheckpointSaver(CheckpointSaver):
 
     def restore_recovery_files(self, run_dir: Path):
         """Continue rotating the recovery files left by the interrupted process (timm forgets them)."""
-        found = sorted(run_dir.glob('recovery-*' + EXTENSION), key=lambda p: _recovery_key(p.name))
-        names = [str(p) for p in found]
+        names = [str(p) for p in sorted(_recovery_files(run_dir), key=_recovery_key)]
         self.prev_recovery_file = names[-2] if len(names) > 1 else ''
         self.curr_recovery_file = names[-1] if names else ''
         for stale in names[:-2]:
             os.remove(stale)
+
+    def remove_recovery_files(self):
+        """Delete this run's recovery files (each a full training state: hundreds of MB for ResNet-50).
+
+        Called after `last` is renamed in and its folder fsync'ed. A failure to delete leaves files, never a run
+        that looks unsaved: it is a warning, not an error of the save.
+        """
+        folder = Path(self.recovery_dir)
+        unfinished = folder / ('recovery_tmp' + self.extension)  # timm's name for a write that a kill cut short
+        found = sorted(_recovery_files(folder), key=_recovery_key) + ([unfinished] if unfinished.exists() else [])
+        try:
+            for path in found:
+                path.unlink()
+        except OSError as e:
+            _logger.warning(f'WARNING: could not delete the recovery files of the finished run ({e})')
+            return
+        self.prev_recovery_file = self.curr_recovery_file = ''
+        if found:
+            _logger.info(f"Finished run saved: deleted its recovery files ({', '.join(p.name for p in found)})")
+
+
+def _recovery_files(run_dir: Path) -> list:
+    return [p for p in run_dir.glob('recovery-*' + EXTENSION) if RECOVERY_NAME.fullmatch(p.name)]
+
+
+def _recovery_key(path: Path) -> tuple:
+    epoch, step = RECOVERY_NAME.fullmatch(path.name).groups()
+    return int(epoch), int(step)
 
 
 def cpu_copy(obj):
@@ -202,11 +239,6 @@ class BackgroundSave:
         return value
 
 
-def _recovery_key(name: str) -> tuple:
-    parts = name[:-len(EXTENSION)].split('-')
-    return int(parts[1]), int(parts[2])
-
-
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -255,9 +287,11 @@ def _torch_load(path: Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and head == ZIP_MAGIC)
     except pickle.UnpicklingError as e:
-        refused = next((line for line in str(e).splitlines() if 'Unsupported' in line), 'unsupported content')
-        refused = refused.split('Unsupported global: ')[-1].split(' was not')[0].replace('GLOBAL ', '')
-        raise UserError(f'{path} holds objects that a safe load refuses ({refused.strip()[:160]})') from None
+        # torch names a refused class "GLOBAL module.name", in wording that varies by version and by why it refused
+        name = re.search(r'GLOBAL ([\w.]+)', str(e))
+        other = next((line.strip() for line in str(e).splitlines() if 'nsupported' in line), 'content it cannot check')
+        refused = name.group(1) if name else other
+        raise UserError(f'{path} holds objects that a safe load refuses ({refused[:160]})') from None
     except Exception as e:
         reason = ' '.join(str(e).split()).split('. ')[0][:160] or type(e).__name__
         raise DamagedCheckpoint(f'{path} is damaged or incomplete ({reason})') from None
@@ -276,9 +310,30 @@ def load(path) -> dict:
     return state
 
 
-def run_files(run_dir: Path, suffix: str = EXTENSION) -> list:
-    """The checkpoints of a run folder (set-aside ones with suffix '.corrupt'), without unfinished writes."""
-    return sorted(p for p in run_dir.glob('*' + suffix) if 'tmp' not in p.name) if run_dir.is_dir() else []
+def run_files(run_dir: Path, suffix: str = '') -> list:
+    """The checkpoints of a run folder by our names (set-aside ones with suffix '.corrupt'), without unfinished
+    writes; a file of another name (a user's pretrained.pth.tar) is neither resumed nor set aside."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob('*' + EXTENSION + suffix)
+                  if CHECKPOINT_NAME.fullmatch(p.name[:len(p.name) - len(suffix)]))
+
+
+def not_ours(path, why: str) -> UserError:
+    return UserError(f'{path} is not a checkpoint of train.py ({why}); move it out of the run folder, or use '
+                     '--initial-checkpoint')
+
+
+def _position(path: Path) -> tuple:
+    """(epoch, step) that a checkpoint of the run folder holds; a one-line UserError for a file another program
+    wrote under one of our names (a state dict, timm's checkpoint, a tensor)."""
+    state = _torch_load(path, mmap=True)
+    progress = state.get('progress') if isinstance(state, dict) else None
+    if not (isinstance(progress, dict) and isinstance(progress.get('epoch'), int)
+            and isinstance(progress.get('step'), int)):
+        raise not_ours(path, 'it holds no training progress' if isinstance(state, dict) else
+                       f'it holds a {type(state).__name__}, not a dict')
+    return progress['epoch'], progress['step']
 
 
 def newest_valid(run_dir: Path) -> tuple:
@@ -286,13 +341,13 @@ def newest_valid(run_dir: Path) -> tuple:
 
     Checkpoints are ordered by the training progress they hold, not by file time. A damaged one (truncated,
     corrupt) is renamed to *.corrupt with a warning, and the next newest is tried. A checkpoint that a safe load
-    refuses is not damaged: that stops the run rather than setting good checkpoints aside.
+    refuses, or one without our training state, is not damaged: that stops the run rather than setting good
+    checkpoints aside.
     """
     ranked = []
     for path in run_files(run_dir):
         try:
-            progress = _torch_load(path, mmap=True)['progress']
-            ranked.append(((progress['epoch'], progress['step']), path.name == 'last' + EXTENSION, path))
+            ranked.append((_position(path), path.name == 'last' + EXTENSION, path))
         except DamagedCheckpoint as e:
             _set_aside(path, e)
     for _, _, path in sorted(ranked, reverse=True):  # on a tie, `last`
@@ -314,8 +369,7 @@ def check_compatible(state: dict, path, model_name: str, num_classes: int):
     if 'progress' not in state:
         raise UserError(f'{path} holds weights but no training state to resume; use --initial-checkpoint')
     if not isinstance(state.get('data'), dict) or 'classes' not in state['data']:
-        raise UserError(f'{path} is not a checkpoint of train.py (it holds no record of its data); move it out of '
-                        'the run folder, or use --initial-checkpoint')
+        raise not_ours(path, 'it holds no record of its data')
     arch, classes = state.get('arch'), state['data']['classes']
     if (arch != model_name) or (classes != num_classes):
         raise UserError(f'{path} holds {arch} with {classes} classes; this run trains {model_name} with '
@@ -338,6 +392,10 @@ def data_changes(saved: dict, current: dict) -> list:
     if saved.get('train_files') and current.get('train_files') and saved['train_files'] != current['train_files'] \
             and not changes:
         changes.append('data files: the list of training images and their labels changed')
+    if saved.get('train_contents') and current.get('train_contents') \
+            and saved['train_contents'] != current['train_contents'] and not changes:
+        changes.append('data files: the images under the same names changed (of the first and last files of each '
+                       'class, a size or first bytes differ: class folders swapped or images replaced)')
     old_manifest, new_manifest = saved.get('manifest') or {}, current.get('manifest') or {}
     if old_manifest.get('sha256') and new_manifest.get('sha256') and old_manifest['sha256'] != new_manifest['sha256']:
         changes.append(f"data manifest sha256: {old_manifest['sha256'][:12]} -> {new_manifest['sha256'][:12]}")
@@ -418,66 +476,144 @@ def load_initial_weights(model: torch.nn.Module, path: str, which: str):
 # the run folder: one trainer at a time, and --start-over deletes only what a run writes
 
 LOCK_FILE = '.train.lock'
-RUN_FILES = ('config.yaml', 'log.txt', 'summary.csv', 'curves.png', 'wandb', '*' + EXTENSION,
-             '*' + EXTENSION + '.corrupt', '*.tmp', '*.tmp.png', '*.tmp' + EXTENSION)
+# every name a run writes into its folder: train.py's files and their temporary names (config.save_config,
+# reporting: name + '.tmp', curves.png + '.tmp.png'), W&B's folder, the checkpoints (set aside as name + '.corrupt')
+# and the temporary names of their writes (timm's `tmp` and `recovery_tmp`, our `previous.tmp`)
+RUN_FILE_NAME = re.compile('|'.join([
+    r'(config\.yaml|summary\.csv)(\.tmp)?', r'curves\.png(\.tmp\.png)?', r'log\.txt', r'wandb',
+    CHECKPOINT_NAME.pattern + r'(\.corrupt)?', r'(tmp|recovery_tmp|previous\.tmp)' + re.escape(EXTENSION)]))
 CONFIG_HEADER = '# resolved configuration'
 
 
 def run_folder(output: str, experiment: str) -> Path:
     """The run folder output/experiment; an experiment is a name, not a path."""
-    if (experiment in ('', '.', '..')) or ('/' in experiment) or (os.altsep and os.altsep in experiment) \
+    if not experiment.strip():
+        raise UserError(f'experiment must be a folder name, not blank: {experiment!r}')
+    if (experiment in ('.', '..')) or ('/' in experiment) or (os.altsep and os.altsep in experiment) \
             or (os.sep in experiment):
         raise UserError(f'experiment must be a folder name, not a path: {experiment!r}')
     return Path(output) / experiment
 
 
-def lock_run_folder(run_dir: Path):
-    """Create the run folder and hold an exclusive lock on it for the life of this process.
+class RunFolderLock:
+    """Creates the run folder and holds the exclusive lock of one train.py on it: a POSIX record lock (lockf) on
+    LOCK_FILE.
 
-    The operating system releases the lock when the process ends, however it ends, so a killed run never blocks the
-    next one. Returns the open lock file: the lock lasts as long as it stays open.
+    A record lock belongs to the process that took it: the loader workers it forks do not inherit it, so it ends the
+    moment the trainer ends, however it ends (an flock belongs to the open file, which the workers of a killed
+    trainer kept open for seconds). Its catch: closing any descriptor of LOCK_FILE in this process releases it, so
+    nothing else here opens that file.
+
+    close() releases it; so does the garbage collector, for a run that stops with an error before it reaches its
+    close(). A run folder that this run created and left empty apart from LOCK_FILE (bad input) is removed then.
     """
+
+    def __init__(self, run_dir: Path):
+        for _ in range(3):  # a claim that meets a folder being removed by the run that held it tries again
+            created = _make_folder(run_dir)
+            file = _open_lock_file(run_dir)
+            try:
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                file.seek(0)
+                holder = file.read().strip() or 'another process'
+                file.close()
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # no locks here (an NFS mount without its lock daemon)
+                    raise UserError(f'cannot lock the run folder {run_dir}: {e.strerror or e}') from None
+                raise UserError(f'{run_dir} is in use by another train.py ({holder}); wait for it to end or stop '
+                                'it') from None
+            if _same_file(file, run_dir / LOCK_FILE):
+                break
+            file.close()
+        else:
+            raise UserError(f'{run_dir} keeps being removed by another train.py; run again once it has ended')
+        self._release = weakref.finalize(self, _release_run_folder, file, run_dir, created)
+        file.seek(0)
+        file.truncate()
+        file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        file.flush()
+
+    def close(self):
+        self._release()
+
+
+def _make_folder(run_dir: Path) -> bool:
+    """Create run_dir (and its parents); True when it did not exist."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / LOCK_FILE, 'a+')
+        run_dir.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
     except OSError as e:
         raise UserError(f'cannot write to the run folder {run_dir}: {e.strerror or e}') from None
+
+
+def _open_lock_file(run_dir: Path):
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        holder = lock.read().strip() or 'another process'
-        lock.close()
-        raise UserError(f'{run_dir} is in use by another train.py ({holder}); wait for it to end or stop it') \
-            from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
-    return lock
+        return open(run_dir / LOCK_FILE, 'a+')
+    except OSError as e:
+        raise UserError(f'cannot write to the run folder {run_dir}: {e.strerror or e}') from None
+
+
+def _same_file(file, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _release_run_folder(file, run_dir: Path, created: bool):
+    """Release the lock; a run folder that this run created and wrote nothing into goes with it."""
+    try:
+        if created and ([p.name for p in run_dir.iterdir()] == [LOCK_FILE]):
+            os.remove(run_dir / LOCK_FILE)  # while locked: a trainer that opened it already finds it gone, retries
+            run_dir.rmdir()
+    except OSError:  # another trainer's lock file, or a file written meanwhile: the folder stays
+        pass
+    finally:
+        file.close()
 
 
 def run_folder_files(run_dir: Path) -> list:
-    """The files and folders in run_dir that a run writes."""
-    return sorted({p for pattern in RUN_FILES for p in run_dir.glob(pattern)})
+    """The files and folders in run_dir that a run writes, by their exact names."""
+    return sorted(p for p in run_dir.iterdir() if RUN_FILE_NAME.fullmatch(p.name)) if run_dir.is_dir() else []
 
 
-def clear_run_folder(run_dir: Path):
-    """Delete the run in run_dir for --start-over: only the files a run writes, and only in a run folder of ours
-    (one whose config.yaml train.py wrote); anything else in it stays."""
+def start_over_files(run_dir: Path, initial_checkpoint: Optional[str]) -> list:
+    """What --start-over deletes in run_dir: the files a run writes, and only in a run folder of ours (one whose
+    config.yaml train.py wrote); a one-line UserError where it must delete nothing.
+
+    Args:
+        initial_checkpoint: the weights the new run starts from; deleting them would leave its config.yaml naming a
+            file that is gone, or that the new run overwrites.
+    """
     ours = run_folder_files(run_dir)
     if not ours:
-        return
+        return []
     config = run_dir / 'config.yaml'
     if not (config.is_file() and config.read_text(errors='replace').startswith(CONFIG_HEADER)):
         raise UserError(f'{run_dir} is not a run folder of train.py (no config.yaml of ours): --start-over deletes '
                         'nothing there; pick another --experiment or remove its files yourself')
+    if initial_checkpoint:
+        given = Path(initial_checkpoint).absolute()
+        deleted = {run_dir.resolve() / p.name for p in ours}
+        # named through the run folder, or through a link elsewhere that points into it
+        if ({given.parent.resolve() / given.name, given.resolve()} & deleted):
+            raise UserError(f'--initial-checkpoint {initial_checkpoint} is a file of the run that --start-over '
+                            f'deletes: copy it out of {run_dir} first and start from the copy')
+    return ours
+
+
+def clear_run_folder(run_dir: Path, initial_checkpoint: Optional[str] = None):
+    """Delete the run in run_dir for --start-over (see start_over_files); anything else in it stays."""
+    ours = start_over_files(run_dir, initial_checkpoint)
     for path in ours:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    _logger.info(f'--start-over: deleted the previous run in {run_dir} ({len(ours)} files)')
+    if ours:
+        _logger.info(f'--start-over: deleted the previous run in {run_dir} ({len(ours)} files)')
 
 
 def weights_from(state: dict, which: str, path, raw_flag: str) -> dict:

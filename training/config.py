@@ -95,7 +95,8 @@ def positive(convert: Callable) -> Callable:
 
 
 def non_negative(convert: Callable) -> Callable:
-    return _limited(convert, lambda v: v >= 0, f'a {convert.__name__} of 0 or more')
+    article = 'an' if convert.__name__[0] in 'aeiou' else 'a'
+    return _limited(convert, lambda v: v >= 0, f'{article} {convert.__name__} of 0 or more')
 
 
 fraction = _limited(number, lambda v: 0.0 <= v <= 1.0, 'a number between 0 and 1')
@@ -328,8 +329,18 @@ def _check_value(option: Option, value, source: str):
     return value
 
 
+# other scripts' names for our options, which no spelling distance finds
+OTHER_NAMES = {'learning_rate': 'lr', 'num_workers': 'workers', 'batch': 'batch_size', 'max_epochs': 'epochs',
+               'wd': 'weight_decay', 'label_smoothing': 'smoothing'}
+
+
 def unknown_option(key: str, known: list, source: str) -> UserError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    dashes = '--' if key.startswith('--') else ''
+    other = OTHER_NAMES.get(key.lstrip('-').replace('-', '_'))
+    if other is not None:
+        close = [dashes + (other.replace('_', '-') if dashes else other)]
+    else:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f'; did you mean {close[0]}?' if close else ''
     return UserError(f'{source}: unknown option {key}{hint}')
 
@@ -401,7 +412,10 @@ def load_yaml(path) -> dict:
     try:
         data = yaml.load(path.read_text(), Loader=_RecipeLoader)
     except yaml.YAMLError as e:
-        raise UserError(f'{path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise UserError(f'{path} is not valid YAML{where}: {problem}') from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -458,6 +472,8 @@ def from_timm_args(data: dict, source: str) -> dict:
     recipe = {}
     for key, value in data.items():
         if (key in TIMM_IGNORED) or (key in TIMM_LR_KEYS) or (key == 'input_size' and value is None):
+            continue
+        if key == 'sched_on_updates':  # train.py always sets the lr per update; parse_config notes timm's false
             continue
         if (key in TIMM_DEFAULTS) and _same(value, TIMM_DEFAULTS[key]):
             continue  # timm's default is off, and so is ours where we have the option
@@ -523,12 +539,13 @@ def parse_config(argv: Optional[list] = None) -> dict:
     recipe_path = cli.pop('config', None)
 
     config = {o.name: o.default for o in OPTIONS}
-    timm_run, timm_batch = False, None
+    timm_run, timm_batch, timm_per_epoch = False, None, False
     if recipe_path:
         recipe = load_yaml(recipe_path)
         timm_run = is_timm_args(recipe)
         if timm_run:
             timm_batch = recipe.get('batch_size')
+            timm_per_epoch = not recipe.get('sched_on_updates', False)
             recipe = from_timm_args(recipe, str(recipe_path))
         for key, value in recipe.items():
             if key not in BY_NAME:
@@ -553,6 +570,9 @@ def parse_config(argv: Optional[list] = None) -> dict:
     if timm_batch and ('batch_size' not in cli) and (os.environ.get('RANK', '0') == '0'):
         print(f"train.py: note: timm's batch_size {timm_batch} is per GPU; read as the global batch (to repeat a "
               f'timm run on N GPUs, give -b N*{timm_batch})', file=sys.stderr)
+    if timm_per_epoch and (os.environ.get('RANK', '0') == '0'):
+        print("train.py: note: timm's sched_on_updates false sets the lr once per epoch; train.py sets it after "
+              'every update (the same schedule, in finer steps)', file=sys.stderr)
     config['lr_rescaled_from'] = None
     if 'batch_size' in cli and 'lr' not in cli and config['batch_size'] != recipe_batch:
         config['lr'] = scaled_lr(recipe_lr, recipe_batch, config['batch_size'], config['lr_scale'])
@@ -632,8 +652,12 @@ def save_config(config: dict, path):
               f'# (python train.py -c {shlex.quote(str(path))} alone resumes this run, and does nothing once it has '
               'finished)\n')
     tmp = Path(f'{path}.tmp')
-    tmp.write_text(header + text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(header + text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no empty config.yaml.tmp behind
+        raise
 
 
 def experiment_changes(old: dict, new: dict) -> list:

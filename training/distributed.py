@@ -8,6 +8,7 @@ import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -150,6 +151,18 @@ def barrier(procs: Processes):
         dist.barrier(group=procs.control_group)
 
 
+def _last_words(message: str):
+    """A line to stderr and to the log files, written straight to their file descriptors: from a signal handler the
+    logging module could re-enter a call it interrupted, and os._exit flushes nothing."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode()
+    streams = [sys.stderr] + [h.stream for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for stream in streams:
+        try:
+            os.write(stream.fileno(), line)
+        except (OSError, ValueError, AttributeError):  # closed, or not a file
+            continue
+
+
 class StopRequest:
     """Turns SIGTERM and SIGINT into a request to stop at the next step boundary; a second signal exits at once.
 
@@ -180,6 +193,8 @@ class StopRequest:
         if self.signal is None:
             self.signal, self.received_at = signum, time.monotonic()
         elif time.monotonic() - self.received_at > self.REPEAT_GRACE:
+            _last_words(f'{signal.Signals(signum).name} received again: exiting at once, without saving; the next '
+                        'run resumes from the newest checkpoint saved')
             os._exit(128 + signum)
 
     def agreed(self, *other_flags: bool) -> list:

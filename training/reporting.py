@@ -223,6 +223,11 @@ def new_wandb_run_id() -> str:
     return ''.join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
+def _setup_wandb():
+    import wandb
+    wandb.setup()
+
+
 def _start_wandb(init_args: dict):
     """wandb.init: online when there is an API key; offline without one, or when the online start fails (after W&B's
     init_timeout, 90 s unless WANDB_INIT_TIMEOUT says otherwise)."""
@@ -265,6 +270,15 @@ class WandbLogger:
             group=config['wandb_group'] or config['recipe'] or config['experiment'],
             tags=config['wandb_tags'], config=extra_config, id=self.run_id, resume='allow')
         self._starting = threading.Thread(target=self._start, args=(init_args,), name='wandb-start', daemon=True)
+        try:
+            # W&B's service process starts here, in this thread, before any loader worker is forked: a worker forked
+            # while subprocess.Popen waits on its exec-error pipe inherits that pipe, and Popen then waits for the
+            # worker to exit (the end of the run), holding W&B's start and its data
+            _setup_wandb()
+        except Exception as e:
+            with self._lock:
+                self._fail(e)
+            return
         self._starting.start()
 
     def _start(self, init_args: dict):

@@ -41,6 +41,7 @@ class BadImages:
         self.reason = torch.zeros(len(paths), dtype=torch.uint8).share_memory_()
         self.met_in_pass = torch.zeros(len(paths), dtype=torch.int32).share_memory_()
         self.current_pass = torch.ones(1, dtype=torch.int32).share_memory_()  # loads outside a loader count too
+        self.news = torch.zeros(1, dtype=torch.int32).share_memory_()  # set by met(), cleared by the main process
         # main process only
         self._named = set()
         self._named_since_report = []
@@ -55,8 +56,16 @@ class BadImages:
         if reason:
             self.reason[index] = reason
         self.met_in_pass[index] = self.current_pass[0]
+        self.news[0] = 1
 
     # the main process
+    def take_news(self) -> bool:
+        """Whether a bad file was met since the last call: a read of one shared number, cheap after every batch."""
+        news = bool(self.news[0])
+        if news:
+            self.news[0] = 0
+        return news
+
     def start_pass(self):
         self.current_pass += 1
 

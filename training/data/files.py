@@ -9,11 +9,13 @@ What is bad (the policy of the whole pipeline; README "Unreadable images"):
 - decoded anyway when PIL can: a PNG or GIF named .JPEG, CMYK and grayscale JPEGs, palette images all become RGB.
   So does a JPEG whose entropy data libjpeg resynchronises past: PIL does not report libjpeg's warnings.
 - bad otherwise: an empty file, a file PIL cannot identify, truncated data (PIL's LOAD_TRUNCATED_IMAGES, which would
-  fill the missing part with grey, is never set), a decoding error, an image above PIL's decompression-bomb limit.
+  fill the missing part with grey, is never set), a decoding error, an image above PIL's decompression-bomb limit
+  (89 megapixels, where PIL warns; it refuses only at twice that).
 What happens to a bad file is bad_images.py's.
 """
 import math
 import os
+import warnings
 
 from PIL import Image, UnidentifiedImageError
 
@@ -32,14 +34,20 @@ class BadImage(Exception):
 
 
 def open_image(path: str) -> Image.Image:
-    """The image at `path` with its header read and its pixels not yet decoded."""
+    """The image at `path` with its header read and its pixels not yet decoded.
+
+    Above PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 megapixels) an image is bad from its header: PIL
+    itself only warns up to twice that limit, and would decode it (1.6 GB for 144 megapixels), printing its warning.
+    """
     try:
         if os.path.getsize(path) == 0:
             raise BadImage(path, EMPTY)
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', Image.DecompressionBombWarning)
+            return Image.open(path)
     except UnidentifiedImageError:
         raise BadImage(path, UNIDENTIFIED) from None
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(path, TOO_LARGE) from None
     except (OSError, SyntaxError, ValueError):
         raise BadImage(path, UNREADABLE) from None

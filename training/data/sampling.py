@@ -52,6 +52,8 @@ class BatchLayout:
 
     @classmethod
     def create(cls, global_batch: int, world_size: int, max_per_device: Optional[int]) -> 'BatchLayout':
+        if world_size < 1:
+            raise UserError(f'WORLD_SIZE must be a number of processes, 1 or more, got {world_size}')
         if global_batch % world_size:
             raise UserError(f'batch_size {global_batch} is not divisible by {world_size} processes')
         per_process = global_batch // world_size
@@ -87,6 +89,9 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.repeats = max(repeats, 1)
         self.steps_per_epoch = epoch_steps(num_samples, layout)
+        if self.repeats > layout.global_batch:  # so more than the training images too
+            raise UserError(f'aug_repeats {repeats} is more than the global batch of {layout.global_batch}: the '
+                            'copies of an image go into one batch')
         self.epoch = 0
         self.start_step = 0
 

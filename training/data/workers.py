@@ -1,6 +1,7 @@
 """The DataLoader both input paths run: persistent workers that leave the trainer's signals to the trainer, and the
 bad-image checks of the main process around it (bad_images.py)."""
 import atexit
+import multiprocessing
 import signal
 import weakref
 from typing import Callable, Optional
@@ -12,7 +13,19 @@ from ..config import UserError
 from . import bad_images as policy
 from .bad_images import BadImageReport, BadImages, TooManyBadImages
 
-CHECK_EVERY = 50  # batches between two bad-image checks of the main process
+def _kill_workers_left():
+    """At exit, SIGKILL the DataLoader workers still alive: they ignore SIGTERM (see worker_init), and Python's exit,
+    which stops daemonic processes with SIGTERM and waits for them, would wait forever on one whose loader never
+    reached close(), such as an iterator whose construction raised. Registered after multiprocessing's own exit hook,
+    so it runs first. torch's SIGCHLD handler, which would report each kill as a failed worker, goes first."""
+    left = [child for child in multiprocessing.active_children() if child.daemon]
+    if left:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in left:
+        child.kill()
+
+
+atexit.register(_kill_workers_left)
 
 
 def worker_init(worker_id: int):
@@ -34,8 +47,9 @@ class CheckedLoader:
     """A DataLoader's batches, as `batches` (timm's PrefetchLoader, or the GPU path's decoder) delivers them, with
     the bad-image check and the end of the workers.
 
-    Every CHECK_EVERY batches and at the end of each pass, bad files met so far are logged and counted; more than
-    `max_bad` in one pass raises UserError. Workers persist across passes: close() ends them (also called at exit).
+    After each batch during which a bad file was met, and at the end of each pass, bad files met so far are logged and
+    counted; more than `max_bad` in one pass raises UserError at once, not after the pass has trained. Workers persist
+    across passes: close() ends them (also called at exit).
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, batches, bad_images: Optional[BadImages],
@@ -59,9 +73,9 @@ class CheckedLoader:
             return
         self.bad_images.start_pass()
         try:
-            for i, batch in enumerate(self.batches, 1):
+            for batch in self.batches:
                 yield batch
-                if i % CHECK_EVERY == 0:
+                if self.bad_images.take_news():
                     self.check()
         except TooManyBadImages:
             self.bad_images.name_new()

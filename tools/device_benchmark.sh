@@ -21,11 +21,11 @@ BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 if [ "${TINY:-0}" = 1 ]; then
   DATA=${BENCH_DATA:-/tmp/bench-data-tiny}; IMAGES=256; SIZES="64 32"; BATCH=16; WORKERS=2; STEPS=2
-  CPU_SHARES=${CPU_SHARES-}; COMPILE_SIZES=${COMPILE_SIZES-}; FEW_CORES="0"; FEW_WORKERS=1
+  CPU_SHARES=${CPU_SHARES-}; COMPILE_SIZES=${COMPILE_SIZES-}; FEW_CORES="0"; FEW_WORKERS=1; WORKER_BATCH=16
   EXTRA=(--device cpu)
 else
   DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES-"224 160"}; BATCH=256; WORKERS=14
-  STEPS=${STEPS:-20}; FEW_CORES="0-7"; FEW_WORKERS=6
+  STEPS=${STEPS:-20}; FEW_CORES="0-7"; FEW_WORKERS=6; WORKER_BATCH=64
   EXTRA=(--device cuda)
 fi
 COMPILE_SIZES=${COMPILE_SIZES-224}  # sizes that also get the torch.compile rows (COMPILE_SIZES= for none)
@@ -131,8 +131,8 @@ for which in ('torchvision', 'nvimgcodec'):
           f'mean difference from PIL {diff:.2f} levels of 255')
 EOF
 # one loader worker's images per CPU-second, with and without auto-augment: how many cores auto needs
-step workers 120 "$PYTHON" tools/benchmark.py workers --images "$IMAGES" --cache "$DATA" --sizes $SIZES -b 64 -j 1 \
-  --batches 8 --repeats 2 $( [ -n "$AUTO_AUGMENT" ] && echo --auto-augment "$AUTO_AUGMENT") \
+step workers 120 "$PYTHON" tools/benchmark.py workers --images "$IMAGES" --cache "$DATA" --sizes $SIZES \
+  -b "$WORKER_BATCH" -j 1 --batches 8 --repeats 2 $( [ -n "$AUTO_AUGMENT" ] && echo --auto-augment "$AUTO_AUGMENT") \
   --out "$OUT/pipeline-workers.md"
 cat "$OUT"/pipeline-*.md >"$OUT/summary.md" 2>/dev/null
 rm -f "$OUT"/pipeline-*.md  # their tables are in summary.md and in the logs: fewer files come back

@@ -14,6 +14,7 @@ command again to continue), 128+N a second signal N (exit without saving).
 import dataclasses
 import errno
 import logging
+import math
 import os
 import sys
 import time
@@ -126,6 +127,61 @@ class FfcvStepScheduler(Scheduler):
         return [start + (end - start) * share for start, end in ends]
 
 
+class OneCycleScheduler(Scheduler):
+    """torch's OneCycleLR (two phases, cosine annealing) as a timm Scheduler, stepped every optimizer step like the
+    others: the lr rises from lr / div_factor to lr over the first pct_start of the steps, then falls to
+    lr / div_factor / final_div_factor; momentum (SGD's, or beta1 of Adam's betas) moves against it, from max to base
+    and back.
+
+    Ours because timm has no one-cycle schedule, and torch's OneCycleLR counts its own steps: this one is a function
+    of the step alone, so a resumed run needs only the counter. timm's Scheduler base gives it step_update() and
+    state_dict(); momentum, a second field, is set here.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float, div_factor: float,
+                 final_div_factor: float, momentum: Optional[tuple]):
+        if momentum and not all(('momentum' in g) or ('betas' in g) for g in optimizer.param_groups):
+            raise UserError('onecycle_momentum cycles SGD\'s momentum or Adam\'s beta1, which this optimizer has '
+                            'not: set onecycle_momentum null')
+        self.total_steps, self.pct_start = total_steps, pct_start
+        self.div_factor, self.final_div_factor, self.momentum = div_factor, final_div_factor, momentum
+        super().__init__(optimizer, param_group_field='lr', t_in_epochs=False)
+
+    @staticmethod
+    def _anneal(start: float, end: float, share: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * share) + 1)
+
+    def _phase(self, t: int) -> tuple:
+        """(rising, share of the phase done) at step t, as OneCycleLR.get_lr() finds them."""
+        peak = float(self.pct_start * self.total_steps) - 1
+        t = min(t, self.total_steps - 1)  # the evaluation after the last step asks for one more
+        if t <= peak:
+            return True, t / peak if peak > 0 else 1.0  # OneCycleLR divides by zero there
+        return False, (t - peak) / (self.total_steps - 1 - peak)
+
+    def _get_lr(self, t: int) -> list:
+        rising, share = self._phase(t)
+        lrs = []
+        for peak in self.base_values:
+            start = peak / self.div_factor
+            lrs.append(self._anneal(start, peak, share) if rising else
+                       self._anneal(peak, start / self.final_div_factor, share))
+        return lrs
+
+    def step_update(self, num_updates: int, metric: Optional[float] = None):
+        super().step_update(num_updates, metric)
+        if self.momentum is None:
+            return
+        rising, share = self._phase(num_updates)
+        base, top = self.momentum
+        momentum = self._anneal(top, base, share) if rising else self._anneal(base, top, share)
+        for group in self.optimizer.param_groups:
+            if 'betas' in group:
+                group['betas'] = (momentum, *group['betas'][1:])
+            else:
+                group['momentum'] = momentum
+
+
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
     """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone.
 
@@ -136,6 +192,11 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
     if config['sched'] == 'ffcv_step':
         return FfcvStepScheduler(optimizer, config['epochs'], config['decay_epochs'], config['decay_rate'],
                                  steps_per_epoch)
+    if config['sched'] == 'onecycle':
+        momentum = config['onecycle_momentum']
+        return OneCycleScheduler(optimizer, config['epochs'] * steps_per_epoch, config['onecycle_pct_start'],
+                                 config['onecycle_div_factor'], config['onecycle_final_div_factor'],
+                                 tuple(momentum) if momentum else None)
     sched, epochs, power, prefix = config['sched'], config['epochs'], config['decay_rate'], False
     if sched == 'triangular':
         sched, epochs, power, prefix = 'poly', epochs - config['warmup_epochs'], 1.0, True

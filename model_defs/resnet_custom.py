@@ -4,10 +4,12 @@ ResNet (He et al. 2015, https://arxiv.org/abs/1512.03385) in the "v1.5" form tha
 the stride-2 of each downsampling bottleneck sits on the 3x3 conv, not the first 1x1. Additions used by modern
 recipes: stochastic depth (Huang et al. 2016, https://arxiv.org/abs/1603.09382) rising linearly over the blocks,
 dropout before the classifier, a zero-initialised last BN gamma in each block (Goyal et al. 2017,
-https://arxiv.org/abs/1706.02677), and optional BlurPool anti-aliasing (Zhang 2019, https://arxiv.org/abs/1904.11486)
-as FFCV's ResNet-50 recipes use it.
+https://arxiv.org/abs/1706.02677), optional BlurPool anti-aliasing (Zhang 2019, https://arxiv.org/abs/1904.11486)
+as FFCV's ResNet-50 recipes use it, and optional Squeeze-and-Excitation (Hu et al. 2017,
+https://arxiv.org/abs/1709.01507) in each block.
 
-Parameter names match torchvision's `resnet50`, so its state dicts load unchanged.
+Parameter names match torchvision's `resnet50`, so its state dicts load unchanged; with attn_layer='se' they match
+timm's `seresnet50` (same SE module, same place, same name).
 """
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -16,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_aa, create_classifier
+from timm.layers import DropPath, create_aa, create_attn, create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # timm's own index rule; timm.models does not re-export it
 
@@ -33,10 +35,22 @@ class CustomBottleneck(nn.Module):
     ConvBlurPool): 4x the pixels for those convs, about +25% FLOPs for ResNet-50, and an unblurred shortcut. The blur
     (timm's 'blurpc': BlurPool2d, here at stride 1, zero-padded as FFCV pads) holds no parameters and no saved
     buffers, so the state dict is the plain model's.
+
+    With attn_layer (a timm attention name, 'se' for Squeeze-and-Excitation), the expanded output is reweighted per
+    channel after bn3 and before the residual add, where timm's Bottleneck does it and under its name `se`, so that
+    the weights of timm's seresnet50 load unchanged.
     """
     expansion = 4
 
-    def __init__(self, in_chs: int, width: int, stride: int = 1, drop_path_rate: float = 0., blur_pool: bool = False):
+    def __init__(
+            self,
+            in_chs: int,
+            width: int,
+            stride: int = 1,
+            drop_path_rate: float = 0.,
+            blur_pool: bool = False,
+            attn_layer: Optional[str] = None,
+    ):
         super().__init__()
         out_chs = width * self.expansion
         blur = blur_pool and stride != 1
@@ -48,6 +62,7 @@ class CustomBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_chs, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
+        self.se = create_attn(attn_layer, out_chs)  # None without attn_layer
         self.relu = nn.ReLU(inplace=True)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
         self.downsample = None
@@ -65,6 +80,8 @@ class CustomBottleneck(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(self.blur2(x))))
         x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
         return self.relu(self.drop_path(x) + shortcut)
 
 
@@ -81,6 +98,7 @@ class CustomResNet(nn.Module):
             drop_path_rate: float = 0.,
             zero_init_last: bool = True,
             blur_pool: bool = False,
+            attn_layer: Optional[str] = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -107,7 +125,7 @@ class CustomResNet(nn.Module):
             for i in range(depth):
                 rate = drop_path_rate * block_idx / max(num_blocks - 1, 1)
                 blocks.append(CustomBottleneck(in_chs, width, stride if i == 0 else 1, drop_path_rate=rate,
-                                               blur_pool=blur_pool))
+                                               blur_pool=blur_pool, attn_layer=attn_layer))
                 in_chs = width * CustomBottleneck.expansion
                 block_idx += 1
             name = f'layer{stage_idx + 1}'

@@ -1,3 +1,5 @@
+import argparse
+
 import pytest
 import timm
 import torch
@@ -8,6 +10,7 @@ from timm.layers import BlurPool2d
 
 import model_defs  # noqa: F401
 import train
+import validate
 from model_defs import CustomBottleneck
 from training.config import UserError, parse_config
 
@@ -23,16 +26,21 @@ def test_parameter_count_matches_torchvision_resnet50():
     assert ours == theirs == 25_557_032
 
 
-def test_loads_torchvision_weights_and_gives_the_same_outputs():
-    torch.manual_seed(0)
-    reference = torchvision.models.resnet50()
-    with torch.no_grad():  # random BN statistics and affines, so that every part of the weights matters
-        for m in reference.modules():
+def with_random_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and affines, so that every part of the weights matters in eval mode."""
+    with torch.no_grad():
+        for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
+    return model
+
+
+def test_loads_torchvision_weights_and_gives_the_same_outputs():
+    torch.manual_seed(0)
+    reference = with_random_bn(torchvision.models.resnet50())
     ours = timm.create_model('resnet50_custom')
     ours.load_state_dict(reference.state_dict())  # same names: strict load, no mapping
     ours.eval()
@@ -155,6 +163,47 @@ def test_blur_pool_keeps_the_strides_and_blurs_with_a_zero_padded_binomial_filte
 def test_blur_pool_on_a_model_without_it_is_a_clear_error():
     with pytest.raises(UserError, match="model resnet18 does not take these options: .*'blur_pool'"):
         train.build_model(parse_config(['--model', 'resnet18', '--blur-pool']), 10)
+
+
+def test_se_weights_load_into_timms_seresnet50_and_give_the_same_outputs():
+    torch.manual_seed(0)
+    ours = with_random_bn(timm.create_model('resnet50_custom', attn_layer='se')).eval()
+    reference = timm.create_model('seresnet50', pretrained=False).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in reference.parameters()) == 28_088_024
+    reference.load_state_dict(ours.state_dict())  # same names: strict load, no mapping
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_se_and_blur_pool_combine_with_seresnet50s_state_dict():
+    model = timm.create_model('resnet50_custom', num_classes=10, blur_pool=True, attn_layer='se')
+    reference = timm.create_model('seresnet50', num_classes=10)
+    assert model.state_dict().keys() == reference.state_dict().keys()  # the blurs add no state
+    assert sum(isinstance(m, BlurPool2d) for m in model.modules()) == 6
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.layer4[0].se.parameters())
+
+
+def test_attn_layer_other_than_se_is_refused_in_one_line():
+    with pytest.raises(UserError, match="command line: attn_layer must be one of se, got 'eca'"):
+        parse_config(['--attn-layer', 'eca'])
+
+
+def test_attn_layer_on_a_model_without_it_is_a_clear_error():
+    with pytest.raises(UserError, match="model test_resnet does not take these options: .*'attn_layer'"):
+        train.build_model(parse_config(['--model', 'test_resnet', '--attn-layer', 'se']), 10)
+
+
+def test_a_checkpoint_with_se_is_rebuilt_with_se_from_its_config():
+    trained = timm.create_model('resnet50_custom', num_classes=10, attn_layer='se').eval()
+    state = {'config': {'model': 'resnet50_custom', 'attn_layer': 'se'}, 'state_dict': trained.state_dict()}
+    args = argparse.Namespace(checkpoint='checkpoint.pth.tar', weights='raw', model=None, num_classes=10,
+                              blur_pool=None)
+    model, _, _ = validate.load_model(args, state)  # strict load: fails without the SE modules
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x))
 
 
 def test_reset_classifier_without_pool_gives_unpooled_feature_maps():

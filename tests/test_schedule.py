@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 import train
-from training.config import parse_config, save_config
+from training.config import UserError, parse_config, save_config
 from training.data import (BatchLayout, ImageSizes, TrainBatchSampler, create_train_loader, image_samples, image_sizes,
                            open_image_folder)
 from training.distributed import Processes
@@ -282,3 +282,50 @@ def test_dry_run_takes_the_image_count_from_a_prepared_imagenet_manifest(tmp_pat
     assert f'train images:   1,281,167 (manifest of tools/prepare_imagenet.py at {tmp_path})' in out
     assert f'steps:          {1_281_167 // 1024:,} per epoch' in out
     assert 'throughput not given: pass --throughput (img/s per GPU) from tools/benchmark.py' in out
+
+
+@pytest.mark.parametrize('opt, pct_start, momentum', [('momentum', 0.3, [0.85, 0.95]), ('adamw', 0.25, [0.8, 0.9]),
+                                                      ('momentum', 0.5, None)])
+def test_onecycle_follows_torchs_one_cycle_lr_step_by_step(opt, pct_start, momentum):
+    epochs, steps_per_epoch, lr = 3, 7, 0.4
+    config = parse_config(['--sched', 'onecycle', '--opt', opt, '--lr', str(lr), '--epochs', str(epochs),
+                           '--onecycle-pct-start', str(pct_start), '--onecycle-div-factor', '10',
+                           '--onecycle-final-div-factor', '100',
+                           *(['--onecycle-momentum', *map(str, momentum)] if momentum else
+                             ['--onecycle-momentum', 'none'])])
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9) if opt == 'momentum' else \
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9) if opt == 'momentum' else \
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = train.build_scheduler(config, ours, steps_per_epoch)
+    cycled = dict(base_momentum=momentum[0], max_momentum=momentum[1]) if momentum else {}
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        theirs, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=pct_start, div_factor=10,
+        final_div_factor=100, cycle_momentum=momentum is not None, **cycled)
+    key = 'betas' if opt == 'adamw' else 'momentum'
+    for step in range(epochs * steps_per_epoch):
+        scheduler.step_update(num_updates=step)
+        assert ours.param_groups[0]['lr'] == pytest.approx(theirs.param_groups[0]['lr'], rel=1e-12), step
+        assert ours.param_groups[0][key] == pytest.approx(theirs.param_groups[0][key], rel=1e-12), step
+        theirs.step()
+        reference.step()
+    assert ours.param_groups[0]['lr'] == pytest.approx(lr / 10 / 100, rel=1e-9)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--warmup-epochs', '1'], 'sched onecycle warms up by itself (onecycle_pct_start): set warmup_epochs 0'),
+    (['--onecycle-momentum', '0.95', '0.85'], 'onecycle_momentum is [base, max], base <= max'),
+])
+def test_onecycle_settings_it_cannot_follow_are_one_line(capsys, args, message):
+    assert train.main(['--sched', 'onecycle', '--epochs', '3', *args, '--dry-run']) == 2
+    assert capsys.readouterr().err == f'train.py: error: {message}\n'
+
+
+def test_onecycle_momentum_without_momentum_in_the_optimizer_is_one_line():
+    config = parse_config(['--sched', 'onecycle', '--opt', 'adagrad'])
+    optimizer = torch.optim.Adagrad([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(UserError, match="onecycle_momentum cycles SGD's momentum or Adam's beta1, which this optimizer "
+                                        'has not: set onecycle_momentum null'):
+        train.build_scheduler(config, optimizer, 5)
+    config['onecycle_momentum'] = None
+    assert train.build_scheduler(config, optimizer, 5).total_steps == 5 * config['epochs']

@@ -164,6 +164,9 @@ OPTIONS = _grouped(
     Option('zero_init_last', True, flag, "zero-init each block's last BN gamma"),
     Option('blur_pool', False, flag, 'BlurPool anti-aliasing: blur the inputs of the strided convs (resnet50_custom, '
            "FFCV's placement; adds no parameters)"),
+    Option('attn_layer', None, text, "channel attention in each block: 'se' for Squeeze-and-Excitation after the "
+           "last BN, before the residual add (resnet50_custom; timm's seresnet50 layout)", optional=True,
+           choices=('se',)),
     Option('initial_checkpoint', None, text, 'start a new schedule from the weights of this checkpoint',
            optional=True),
     Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides', choices=('ema', 'raw')),
@@ -245,14 +248,22 @@ OPTIONS = _grouped(
     Option('sched', 'cosine', text, "learning rate schedule, updated every step; 'triangular' is FFCV's cyclic one: "
            "linear from warmup_lr to lr at warmup_epochs, then linear to min_lr at the end; 'ffcv_step' is FFCV's "
            'step one: decay_rate every decay_epochs, each decay (and the fall to 0 at the end) spread over the epoch '
-           'before it, no warmup',
-           choices=('cosine', 'step', 'multistep', 'poly', 'constant', 'triangular', 'ffcv_step')),
+           "before it, no warmup; 'onecycle' is torch's OneCycleLR (see the onecycle_ options), its own warmup",
+           choices=('cosine', 'step', 'multistep', 'poly', 'constant', 'triangular', 'ffcv_step', 'onecycle')),
     Option('warmup_epochs', 0, non_negative(number), 'linear warmup length in epochs (triangular: the peak epoch)'),
     Option('warmup_lr', 1.0e-5, non_negative(number), 'learning rate at the start of warmup'),
     Option('min_lr', 0.0, non_negative(number), 'learning rate at the end of the schedule'),
     Option('decay_epochs', 30.0, positive(number), 'step schedule: epochs between decays'),
     Option('decay_milestones', [30, 60, 90], listof(non_negative(integer)), 'multistep schedule: epochs to decay at'),
     Option('decay_rate', 0.1, positive(number), 'step/multistep decay factor (poly: the power)'),
+    Option('onecycle_pct_start', 0.3, fraction, "onecycle: share of the steps over which the lr rises to lr "
+           "(torch's pct_start)"),
+    Option('onecycle_div_factor', 25.0, positive(number), 'onecycle: the lr starts at lr / onecycle_div_factor'),
+    Option('onecycle_final_div_factor', 1.0e4, positive(number), 'onecycle: the lr ends at lr / onecycle_div_factor '
+           '/ onecycle_final_div_factor'),
+    Option('onecycle_momentum', [0.85, 0.95], listof(fraction, (2,)), 'onecycle: [base, max] momentum (SGD\'s, or '
+           'Adam\'s beta1), cycled against the lr: max at the start and end, base at the peak; null keeps the '
+           'optimizer\'s', optional=True),
     Option('seed', 42, non_negative(integer), 'seed of the sample order, augmentation, Mixup, drop path and init'),
     'EMA',
     Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV3)'),
@@ -618,6 +629,11 @@ def validate(config: dict):
         require(first <= last, f'resize_epochs must be [start, end] with start <= end, got [{first:g}, {last:g}]')
         require(last <= config['epochs'], f"resize_epochs ends at epoch {last:g}, after the last epoch "
                                           f"(epochs {config['epochs']})")
+    require((config['sched'] != 'onecycle') or (config['warmup_epochs'] == 0),
+            'sched onecycle warms up by itself (onecycle_pct_start): set warmup_epochs 0')
+    require((config['sched'] != 'onecycle') or (config['onecycle_momentum'] is None)
+            or (config['onecycle_momentum'][0] <= config['onecycle_momentum'][1]),
+            'onecycle_momentum is [base, max], base <= max')
     require((config['sched'] != 'ffcv_step') or ((config['warmup_epochs'] == 0) and (config['min_lr'] == 0)),
             'sched ffcv_step has no warmup and ends at 0, as FFCV\'s: set warmup_epochs 0 and min_lr 0')
     require(config['bce_target_thresh'] is None or config['bce_loss'],
@@ -631,8 +647,12 @@ def validate(config: dict):
 
 def architecture_options(config: dict) -> dict:
     """Model keyword arguments of a run's config besides those of training only (dropout, init): what train.py builds
-    and validate.py rebuilds. blur_pool is passed only when on, so that timm models without the option build."""
-    return {'blur_pool': True} if config.get('blur_pool') else {}
+    and validate.py rebuilds. blur_pool and attn_layer are passed only when on, so that timm models without the options
+    build."""
+    options = {'blur_pool': True} if config.get('blur_pool') else {}
+    if config.get('attn_layer'):
+        options['attn_layer'] = config['attn_layer']
+    return options
 
 
 def saved_config(config: dict) -> dict:

@@ -55,6 +55,9 @@ def parse_args(argv=None):
     parser.add_argument('--blur-pool', action=argparse.BooleanOptionalAction,
                         help="the model's BlurPool option (default: the checkpoint's; a state dict does not tell, and "
                              'loads either way)')
+    parser.add_argument('--attn-layer', choices=('se', 'none'),
+                        help="the model's attention blocks (attn_layer; default: the checkpoint's; a state dict does "
+                             'not tell)')
     parser.add_argument('--decode', choices=('auto', 'cpu', 'gpu'),
                         help="where JPEGs are decoded (default: as in training; auto: the GPU on CUDA where it can)")
     parser.add_argument('--allow-other-classes', action='store_true',
@@ -82,6 +85,8 @@ def load_model(args, state: dict):
         raise UserError(f'cannot tell the class count of {args.checkpoint}: pass --num-classes')
     if args.blur_pool is not None:
         config = dict(config, blur_pool=args.blur_pool)
+    if args.attn_layer is not None:
+        config = dict(config, attn_layer=None if args.attn_layer == 'none' else args.attn_layer)
     try:
         model = create_model(name, num_classes=num_classes, **architecture_options(config))
     except RuntimeError as e:

@@ -199,9 +199,16 @@ def test_a_checkpoint_with_se_is_rebuilt_with_se_from_its_config():
     trained = timm.create_model('resnet50_custom', num_classes=10, attn_layer='se').eval()
     state = {'config': {'model': 'resnet50_custom', 'attn_layer': 'se'}, 'state_dict': trained.state_dict()}
     args = argparse.Namespace(checkpoint='checkpoint.pth.tar', weights='raw', model=None, num_classes=10,
-                              blur_pool=None)
+                              blur_pool=None, attn_layer=None)
     model, _, _ = validate.load_model(args, state)  # strict load: fails without the SE modules
     x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), trained(x))
+    # a plain state dict does not say: --attn-layer does
+    plain = argparse.Namespace(**dict(vars(args), model='resnet50_custom'))
+    with pytest.raises(UserError):
+        validate.load_model(plain, trained.state_dict())
+    model, _, _ = validate.load_model(argparse.Namespace(**dict(vars(plain), attn_layer='se')), trained.state_dict())
     with torch.no_grad():
         assert torch.equal(model.eval()(x), trained(x))
 

@@ -63,7 +63,7 @@ def checkpoint_classifier(path, weights=None, model_name=None, num_classes=None,
     if ('state_dict' not in state) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'{path} is neither a checkpoint of train.py nor a state dict (no state_dict, no tensors)')
     args = argparse.Namespace(checkpoint=path, weights=weights, model=model_name, num_classes=num_classes,
-                              blur_pool=None)  # the checkpoint's
+                              blur_pool=None, attn_layer=None)  # the checkpoint's
     model, weights_kind, config = validate.load_model(args, state)
     data_cfg = data_config(config, model, config.get('val_img_size') or config.get('img_size'))
     names, descriptions = labels_of(state, model.num_classes)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The input-pipeline measurements of one lent GPU machine (H100/H200, 16 cores), in one go of about 9 minutes, most
 # important first: environment check, ImageNet-like JPEGs on local disk, then `tools/benchmark.py pipeline` at 224 and
-# 160 px (batch 256, 14 workers: the eager ceiling, train.py with decode: auto and what it chose, the CPU_SHARES; at
-# 160 px also A3's RandAugment on the CPU path, the split and the device ops), each auto-augment op's time, train.py
+# 160 px (batch 256, 14 workers, 8,192 images: the eager ceiling, train.py with decode: auto, what it chose and the
+# speeds it compared, any CPU_SHARES; at 160 px also A3's RandAugment on the CPU path, the split and the device ops),
+# each auto-augment op's time, train.py
 # with decode: auto on 8 cores (the course project's machine class), the torch.compile rows at 224 px, the device's JPEG
 # decoders alone, and the loader workers' images per CPU-second. Everything lands in ${OUT:-out}: run.log
 # (timestamps, exit codes), one log per step, and summary.md (the tables).
@@ -24,12 +25,13 @@ if [ "${TINY:-0}" = 1 ]; then
   CPU_SHARES=${CPU_SHARES-}; COMPILE_SIZES=${COMPILE_SIZES-}; FEW_CORES="0"; FEW_WORKERS=1; WORKER_BATCH=16
   EXTRA=(--device cpu)
 else
-  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-16384}; SIZES=${SIZES-"224 160"}; BATCH=256; WORKERS=14
+  DATA=${BENCH_DATA:-/tmp/bench-data}; IMAGES=${IMAGES:-8192}; SIZES=${SIZES-"224 160"}; BATCH=256; WORKERS=14
   STEPS=${STEPS:-20}; FEW_CORES="0-7"; FEW_WORKERS=6; WORKER_BATCH=64
   EXTRA=(--device cuda)
 fi
 COMPILE_SIZES=${COMPILE_SIZES-224}  # sizes that also get the torch.compile rows (COMPILE_SIZES= for none)
-CPU_SHARES=${CPU_SHARES-"1.0"}  # cpu_decode_share values measured beside auto's choice (CPU_SHARES_<size> for one)
+CPU_SHARES=${CPU_SHARES-}  # cpu_decode_share values measured beside auto's (whose log line has the speeds of those it
+# timed); CPU_SHARES_<size> for one size
 AUTO_AUGMENT=${AUTO_AUGMENT-rand-m6-mstd0.5-inc1}  # RSB A3's, measured at the smallest of SIZES
 
 log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$OUT/run.log"; }

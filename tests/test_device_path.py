@@ -220,9 +220,13 @@ def test_evaluation_batches_match_timms_eval_transform(tmp_path, crop_pct, inter
         assert difference.mean() < 0.5 and difference.max() < 1.5 and y[k] == label
 
 
-def test_batches_are_the_same_twice_and_with_two_workers(shapes):
+@pytest.mark.parametrize('augment', [['--color-jitter', '0.4', '0.4', '0.4', '0.1'],
+                                     ['--auto-augment', 'rand-m9-mstd0.5-inc1', '--cpu-decode-share', '0.5']])
+def test_batches_are_the_same_twice_and_with_two_workers(shapes, augment):
+    """Workers draw auto-augment ops from the global generators, which they do not restore: the draws must not
+    depend on what a worker drew before."""
     samples = LazyImageFolder(str(shapes / 'train')).samples
-    config = train_config('--color-jitter', '0.4', '0.4', '0.4', '0.1')
+    config = train_config(*augment)
     sampler = TrainBatchSampler(len(samples), BatchLayout.create(16, 1, None), rank=0, seed=7)
     batches = {}
     for workers in (0, 2):

@@ -126,17 +126,28 @@ def test_unwritable_output_fails_before_training(shapes, tmp_path, capsys):
     assert len(err) == 1 and 'cannot write to the run folder' in err[0]
 
 
-def test_a_disk_full_at_the_start_is_one_line_and_exit_74(shapes, tmp_path, capsys, monkeypatch):
-    write_text = Path.write_text
+@pytest.mark.parametrize('what', ['config.yaml', 'run folder'])
+def test_a_disk_full_at_the_start_is_one_line_and_exit_74(shapes, tmp_path, capsys, monkeypatch, what):
+    write_text, mkdir = Path.write_text, Path.mkdir
 
-    def full(path, *args, **kwargs):
+    def full_write(path, *args, **kwargs):
         if path.name.endswith('.tmp'):
             raise OSError(errno.ENOSPC, 'No space left on device', str(path))
         return write_text(path, *args, **kwargs)
-    monkeypatch.setattr(Path, 'write_text', full)  # config.yaml goes first through a .tmp file
+
+    def full_mkdir(path, *args, **kwargs):
+        if path.name == 'run':
+            raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        return mkdir(path, *args, **kwargs)
+    if what == 'config.yaml':  # config.yaml goes first through a .tmp file
+        monkeypatch.setattr(Path, 'write_text', full_write)
+        failed = tmp_path / 'run' / 'config.yaml.tmp'
+    else:
+        monkeypatch.setattr(Path, 'mkdir', full_mkdir)
+        failed = tmp_path / 'run'
     assert run_train(shapes, tmp_path, '--epochs', '1') == 74
     err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith(f"train.py: error: No space left on device: {tmp_path / 'run' / 'config.yaml.tmp'}")
+    assert err[-1].startswith(f'train.py: error: No space left on device: {failed}; nothing of this start is saved')
     assert not (tmp_path / 'run' / 'config.yaml.tmp').exists()
 
 

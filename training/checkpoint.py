@@ -545,14 +545,21 @@ def _make_folder(run_dir: Path) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        raise UserError(f'cannot write to the run folder {run_dir}: {e.strerror or e}') from None
+        raise _unwritable(run_dir, e) from None
 
 
 def _open_lock_file(run_dir: Path):
     try:
         return open(run_dir / LOCK_FILE, 'a+')
     except OSError as e:
-        raise UserError(f'cannot write to the run folder {run_dir}: {e.strerror or e}') from None
+        raise _unwritable(run_dir, e) from None
+
+
+def _unwritable(run_dir: Path, error: OSError) -> Exception:
+    """A one-line UserError (exit 2), except for a full disk: train.main() makes that exit 74, as a failed save."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return UserError(f'cannot write to the run folder {run_dir}: {error.strerror or error}')
 
 
 def _same_file(file, path: Path) -> bool:

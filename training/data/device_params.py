@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image
 from timm.data import auto_augment as timm_auto_augment
 from torchvision import transforms
@@ -132,9 +133,13 @@ class _Record:
 @contextmanager
 def _global_generators(rng: random.Random, gen: torch.Generator, seed: int):
     """Python's, NumPy's and torch's global generators at the states timm's transforms would find them in (as
-    seed_sample() seeds them, advanced as far as `rng` and `gen`), restored afterwards: timm's and torchvision's
-    auto-augments draw from the global ones."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed_sample() seeds them, advanced as far as `rng` and `gen`): timm's and torchvision's auto-augments draw from the
+    global ones. In the main process (a replacement for a file the device could not decode) they are restored
+    afterwards, the training step's draws being theirs; a loader worker's serve nothing else, and saving NumPy's
+    alone would double the cost of a sample's draws."""
+    saved = None
+    if torch.utils.data.get_worker_info() is None:
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.setstate(rng.getstate())
     np.random.seed(seed % (2 ** 32))
     torch.set_rng_state(gen.get_state())
@@ -143,9 +148,10 @@ def _global_generators(rng: random.Random, gen: torch.Generator, seed: int):
     finally:
         rng.setstate(random.getstate())
         gen.set_state(torch.get_rng_state())
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
 
 
 class AutoAugmentDraws:

@@ -33,7 +33,7 @@ from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 
 import model_defs  # noqa: F401  registers resnet50_custom
-from training import checkpoint, distributed, reporting
+from training import checkpoint, distill, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, architecture_options, parse_config, save_config, saved_config
 from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, choice_line, choose_share,
@@ -226,6 +226,7 @@ class Trainer:
     clip_grad: Optional[float]  # None: no gradient clipping
     clip_mode: str
     clip_params: list  # what clipping applies to
+    distill: Optional[torch.nn.Module] = None  # timm's LogitDistillationTask around train_model, with the teacher
 
 
 def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: torch.nn.Module,
@@ -248,17 +249,25 @@ def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: to
         train_model = torch.compile(train_model)
     mixup = build_mixup(config, num_classes, layout.micro_batch)
     amp_dtype = getattr(torch, config['amp_dtype']) if config['amp'] else None
+    loss_fn = build_loss(config['bce_loss'], config['smoothing'], mixing=mixup is not None,
+                         target_threshold=config['bce_target_thresh'])
+    task = None
+    if config['kd_teacher']:
+        teacher = distill.build_teacher(config['kd_teacher'], num_classes, device, config['channels_last'])
+        if config['torchcompile']:
+            teacher.compile()
+        train_cfg = data_configs(config, model)[0]
+        task = distill.build_distillation(config, train_model, loss_fn, teacher, train_cfg['mean'], train_cfg['std'],
+                                          device)
     return Trainer(
         model=model, train_model=train_model, optimizer=optimizer,
-        scheduler=build_scheduler(config, optimizer, steps_per_epoch),
-        loss_fn=build_loss(config['bce_loss'], config['smoothing'], mixing=mixup is not None,
-                           target_threshold=config['bce_target_thresh']), mixup=mixup,
+        scheduler=build_scheduler(config, optimizer, steps_per_epoch), loss_fn=loss_fn, mixup=mixup,
         random_erasing=create_random_erasing(config, device), model_ema=model_ema,
         ema_interval=config['model_ema_interval'],
         batchnorm=BatchNormSteps(model, procs) if (procs.distributed or layout.accum_steps > 1) else None,
         scaler=NativeScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype=amp_dtype,
         clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
-        clip_params=clipped_parameters(model, config['clip_mode']))
+        clip_params=clipped_parameters(model, config['clip_mode']), distill=task)
 
 
 # saving
@@ -347,7 +356,11 @@ def recovery_due(config: dict, progress: Progress, last_save: float) -> bool:
 
 def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, last_micro: bool, accum: int,
                      channels_last: bool) -> torch.Tensor:
-    """One micro-batch: batch augmentation, forward, backward (gradients synchronised on the last one)."""
+    """One micro-batch: batch augmentation, forward, backward (gradients synchronised on the last one).
+
+    Returns:
+        The loss, detached; with a teacher, [loss, task loss, distillation loss].
+    """
     if t.random_erasing is not None:
         x = t.random_erasing(x)
     if t.mixup is not None:
@@ -357,13 +370,19 @@ def forward_backward(t: Trainer, x: torch.Tensor, y: torch.Tensor, last_micro: b
     no_sync = getattr(t.train_model, 'no_sync', None)
     with no_sync() if (no_sync is not None and not last_micro) else nullcontext():
         with autocast(x.device, t.amp_dtype):
-            loss = t.loss_fn(t.train_model(x), y)
+            if t.distill is None:
+                loss = t.loss_fn(t.train_model(x), y)
+                parts = [loss]
+            else:  # the teacher sees this batch: after Mixup/CutMix and erasing, in this AMP and memory format
+                out = t.distill(x, y)
+                loss = out['loss']
+                parts = [loss, out['task_loss'], out['kd_loss']]
         if t.scaler is not None:  # float16: the scaler's backward, and its unscale-clip-step on the last micro-batch
             t.scaler(loss / accum, t.optimizer, clip_grad=t.clip_grad, clip_mode=t.clip_mode,
                      parameters=t.clip_params, need_update=last_micro)
         else:
             (loss / accum).backward()
-    return loss.detach()
+    return torch.stack(parts).detach().float()
 
 
 def optimizer_step(t: Trainer):
@@ -390,7 +409,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
     t.train_model.train()
     accum, device = layout.accum_steps, procs.device
     loss_sum = torch.tensor(progress.loss_sum, dtype=torch.float64, device=device)
-    step_loss = torch.zeros((), device=device)
+    step_loss = 0.0  # this step's losses: [loss], or [loss, task loss, distillation loss] with a teacher
     window, window_first_step = [], progress.step  # step losses not yet checked and logged
     first_step = progress.step
     epoch_start = clock = window_start = fetched = time.perf_counter()
@@ -405,7 +424,7 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
         seed_all(derive_seed(config['seed'], STEP, progress.epoch, progress.step, procs.rank * accum + j))
         if t.batchnorm is not None:
             t.batchnorm.before_micro(j)
-        step_loss += forward_backward(t, x, y, last_micro, accum, config['channels_last']).float() / accum
+        step_loss = step_loss + forward_backward(t, x, y, last_micro, accum, config['channels_last']) / accum
         if t.batchnorm is not None:
             t.batchnorm.after_micro()
         if not last_micro:
@@ -421,9 +440,9 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
         progress.step += 1
         progress.global_step += 1
         t.scheduler.step_update(num_updates=progress.global_step)
-        loss_sum += step_loss
+        loss_sum += step_loss[0]
         window.append(step_loss)
-        step_loss = torch.zeros((), device=device)
+        step_loss = 0.0
 
         # decisions, agreed by all processes: log, save a recovery checkpoint, stop
         reporter.tick(progress.epoch, progress.step, steps_per_epoch)
@@ -431,8 +450,8 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
         save_due = save_due and (progress.step < steps_per_epoch)  # the epoch's end saves anyway
         log_due = (progress.step % config['log_interval'] == 0) or (progress.step == steps_per_epoch)
         if log_due or save_due or stop_now:
-            losses = mean_over_ranks(torch.stack(window), procs)
-            finite = torch.isfinite(losses)
+            losses = mean_over_ranks(torch.stack(window), procs)  # [steps, parts]
+            finite = torch.isfinite(losses).all(dim=1)
             if not finite.all():  # a diverged state is never saved
                 raise NonFiniteLoss(progress.epoch, window_first_step + int((~finite).nonzero()[0]))
         if log_due:
@@ -440,9 +459,10 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
             steps_done = progress.step - window_first_step
             step_time = elapsed / steps_done
             steps_left = (config['epochs'] - progress.epoch) * steps_per_epoch - progress.step
+            parts = dict(zip(('task_loss', 'kd_loss'), losses[:, 1:].mean(dim=0).tolist()))
             reporter.step(dict(
                 epoch=progress.epoch, step=progress.step, steps_per_epoch=steps_per_epoch,
-                global_step=progress.global_step, loss=losses.mean().item(),
+                global_step=progress.global_step, loss=losses[:, 0].mean().item(), **parts,
                 lr=t.optimizer.param_groups[0]['lr'], img_per_sec=steps_done * layout.global_batch / elapsed,
                 data_wait=wait / elapsed, eta_epoch=(steps_per_epoch - progress.step) * step_time,
                 eta_run=steps_left * step_time))
@@ -738,6 +758,13 @@ def dry_run_lines(config: dict, world_size: int) -> list:
         f"image size:     {epoch_ranges(sizes.ranges(config['epochs']))}; validation {val_cfg['input_size'][-1]} px "
         f"(crop_pct {val_cfg['crop_pct']:g})",
     ]
+    step_cost = 1.0  # a training step's cost per image, in plain steps of the student
+    if config['kd_teacher']:
+        size = train_cfg['input_size'][-1]
+        teacher, student, step_cost = distill.step_cost(config, model, size)
+        lines.append(f"teacher:        {config['kd_teacher']}: {teacher / 1e9:.1f} GFLOPs per image forward at {size} px, "
+                     f'{teacher / student:.1f}x the student\'s; a step costs ~{step_cost:.2f}x a plain one (its '
+                     'forward, backward = 2 forwards, and the teacher\'s forward)')
     if images is None:
         return lines + [f'train images:   unknown: {source}', 'steps, time and cost need the number of images']
     steps = epoch_steps(images, layout)  # the last partial batch of an epoch is left out; none: the run's error
@@ -749,11 +776,13 @@ def dry_run_lines(config: dict, world_size: int) -> list:
     if config['throughput'] is None:
         return lines + ['expected time:  throughput not given: pass --throughput (img/s per GPU) from '
                         'tools/benchmark.py']
-    seconds = trained / (config['throughput'] * world_size)
+    throughput = config['throughput'] / step_cost
+    seconds = trained / (throughput * world_size)
     gpu_hours = seconds * world_size / 3600
     upper_bound = '; the epochs at smaller sizes run faster: an upper bound' if sizes.start is not None else ''
-    lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} GPU(s) at {config['throughput']:,g} "
-                 f'img/s per GPU (given by --throughput{upper_bound})')
+    teacher = f' / {step_cost:.2f} for the teacher' if config['kd_teacher'] else ''
+    lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} GPU(s) at {throughput:,g} "
+                 f'img/s per GPU (given by --throughput{teacher}{upper_bound})')
     if config['price_per_hour'] is None:
         return lines + [f'cost:           {gpu_hours:,.1f} GPU-hours (pass --price-per-hour for the price)']
     return lines + [f"cost:           {gpu_hours:,.1f} GPU-hours x {config['price_per_hour']:g} = "

@@ -12,6 +12,9 @@ Sources, cited beside each value below:
   TVW      torchvision.models.ResNet50_Weights.IMAGENET1K_V2 metadata (torchvision 0.29.1).
   FFCV     libffcv/ffcv-imagenet rn50_configs/rn50_<epochs>_epochs.yaml; FFCVPY: its train_imagenet.py;
            FFCVRM: its README results table.
+  FM       Beyer et al. 2021, "Knowledge distillation: A good teacher is patient and consistent", arXiv 2106.05237.
+  BVC      google-research/big_vision configs/proj/distill/bit_i1k.py (the paper's ImageNet configuration) and
+           big_vision/optax.py (how its wd applies).
 """
 import math
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from timm.models import create_model
 
 import train
 from training import builtin_data
@@ -135,6 +139,33 @@ def ffcv(epochs, top1, ramp):
     }
 
 
+def funmatch():
+    return {
+        'top1': 82.8,                              # FM abstract; big_vision distill README (BiT-R50x1 224 px)
+        'kd_teacher': 'resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k',  # BVC prof_m_init 'BiT-M R152x2 ... ic224'
+        'kd_weight': 1.0,                          # BVC: the distance alone
+        'kd_task_weight': 0.0,                     # BVC: no label loss
+        'kd_temperature': 1.0,                     # BVC distance_kw t=1.0
+        'epochs': 1200,                            # BVC num_epochs
+        'batch_size': 4096,                        # BVC batch_size
+        'opt': 'adamw',                            # BVC optax_name scale_by_adam, decoupled wd
+        'lr': 0.03,                                # BVC lr
+        'weight_decay': 3.0e-4 / 0.03,             # BVC wd 3e-4, not multiplied by the base lr (big_vision optax.make)
+        'clip_grad': 1.0,                          # BVC grad_clip_norm
+        'sched': 'cosine',                         # BVC decay_type cosine
+        'warmup_epochs': 16,                       # BVC warmup_steps 5000 / 312 steps per epoch
+        'min_lr': 0.0,                             # BVC cosine to 0
+        'mixup': 1.0,                              # BVC mixup p=1.0 (Beta(1, 1))
+        'mixup_prob': 1.0,                         # BVC: every batch
+        'cutmix': 0.0,                             # BVC
+        'color_jitter': 0.0,                       # BVC pp_train: inception crop and flip only
+        'scale': [0.08, 1.0],                      # BVC inception_crop
+        'img_size': 224,                           # BVC decode_jpeg_and_inception_crop(224)
+        'crop_pct': 0.875,                         # BVC resize_small(256) central_crop(224)
+        'model_ema': False,                        # BVC (final weights)
+    }
+
+
 PUBLISHED = {
     'rn50_a3_100ep': rsb(100, 78.1, 8.0e-3, 0.02, 'rand-m6-mstd0.5-inc1', 0.1, 0.0, 0.0, 0, 160, 512),
     'rn50_a2_300ep': rsb(300, 79.8, 5.0e-3, 0.02, 'rand-m7-mstd0.5-inc1', 0.1, 0.0, 0.05, 3, 224, 256),
@@ -147,6 +178,7 @@ PUBLISHED = {
     'rn50_ffcv_56ep': ffcv(56, 78.0, (41, 48)),
     'rn50_ffcv_88ep': ffcv(88, 78.4, (65, 76)),
     'rn50_budget_1gpu': ffcv(88, 78.4, (65, 76)),  # the FFCV 88-epoch schedule: see the recipe's header
+    'rn50_kd_funmatch_1200ep': funmatch(),
 }
 
 # recipe keys and values the methods of issue 10 add to training.config (other branches); until they land, a recipe
@@ -225,20 +257,26 @@ def one_thread():
 BATCH = 8  # 2 steps of the 20 training images, each 2 accumulated micro-batches of 4
 
 
-def tiny_overrides(recipe: dict) -> list:
-    """Command line that keeps a recipe's methods but trains 2 small steps at 32 px on CPU."""
+def tiny_overrides(recipe: dict, folder: Path) -> list:
+    """Command line that keeps a recipe's methods but trains 2 small steps at 32 px on CPU; a teacher to download
+    is replaced by a small one of the same classes, saved in `folder`."""
     args = ['--dataset', 'builtin', '--img-size', '32', '--val-img-size', '32', '-b', str(BATCH),
             '--max-batch-per-device', str(BATCH // 2), '--epochs', '1', '--warmup-epochs', '0', '--device', 'cpu',
             '-j', '0', '--no-amp', '--no-channels-last', '--recovery-minutes', '0', '--log-interval', '1',
             '--checkpoint-hist', '1']
     if 'img_size_start' in recipe:
         args += ['--img-size-start', '32', '--resize-epochs', '0', '1']
+    if 'kd_teacher' in recipe:
+        teacher = folder / 'teacher.pth.tar'
+        torch.save(dict(state_dict=create_model('resnet18', num_classes=10).state_dict(),
+                        config=dict(model='resnet18', num_classes=10)), teacher)
+        args += ['--kd-teacher', str(teacher)]
     return args
 
 
 OVERRIDDEN = {'dataset', 'img_size', 'val_img_size', 'batch_size', 'max_batch_per_device', 'epochs', 'warmup_epochs',
               'device', 'workers', 'amp', 'channels_last', 'recovery_minutes', 'log_interval', 'checkpoint_hist',
-              'img_size_start', 'resize_epochs'}
+              'img_size_start', 'resize_epochs', 'kd_teacher'}
 
 
 @pytest.mark.parametrize('name', PUBLISHED)
@@ -252,7 +290,7 @@ def test_recipe_resolves_and_trains_two_steps_with_its_methods(name, images, tmp
     assert mismatches(resolved, published) == []
 
     assert train.main(['-c', str(recipe_path(name)), '--data-dir', str(images), '--output', str(tmp_path),
-                       '--experiment', 'run', *tiny_overrides(recipe)]) == 0
+                       '--experiment', 'run', *tiny_overrides(recipe, tmp_path)]) == 0
     run = tmp_path / 'run'
     saved = yaml.safe_load((run / 'config.yaml').read_text())
     kept = {k: v for k, v in recipe.items() if k not in OVERRIDDEN | {'lr', 'model_ema_decay'}}
@@ -271,7 +309,7 @@ def test_auto_augment_recipes_train_on_the_device_path_too(name, images, tmp_pat
     """Half of each batch auto-augmented by the workers (timm's PIL ops), half by the device's ops."""
     recipe = load_yaml(recipe_path(name))
     assert train.main(['-c', str(recipe_path(name)), '--data-dir', str(images), '--output', str(tmp_path),
-                       '--experiment', 'run', *tiny_overrides(recipe), '--decode', 'gpu',
+                       '--experiment', 'run', *tiny_overrides(recipe, tmp_path), '--decode', 'gpu',
                        '--cpu-decode-share', '0.5']) == 0
     state = load(tmp_path / 'run' / 'last.pth.tar')
     assert state['progress']['global_step'] == 2 and state['progress']['history'][0]['train_loss'] > 0

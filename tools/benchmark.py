@@ -2,9 +2,9 @@
 """Measurements quoted in the README and issue notes.
 
     python tools/benchmark.py pipeline [--data DIR | --images N] [--img-size 224 -b 256 -j 14 --compile --out F.md]
-            [--auto-augment rand-m6-mstd0.5-inc1]
+            [--auto-augment rand-m6-mstd0.5-inc1] [--kd-teacher MODEL]
         compute ceiling, each loader alone and train.py's steady state (decode: auto's choice, each path of an
-        auto-augment), side by side, on the machine at hand
+        auto-augment, with a distillation teacher's forward in each step), side by side, on the machine at hand
     python tools/benchmark.py workers [--sizes 160 224 --auto-augment STR]   loader workers' images per CPU-second
     python tools/benchmark.py augment-ops [--sizes 160 224 -b 256]   each auto-augment op: PIL per image, device per
         batch
@@ -196,9 +196,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool) -> float:
+def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool, teacher: Optional[str] = None) -> float:
     """img/s of the bare training step on device tensors: forward, backward, optimizer step and EMA update of the
-    recipe's model with 1000 classes, in its precision and memory layout. train.py's optimizer and ModelEmaV3."""
+    recipe's model with 1000 classes, in its precision and memory layout. train.py's optimizer and ModelEmaV3; with
+    a teacher (a timm name, random weights: the same speed), its forward on the batch first, without gradients."""
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     layout = torch.channels_last if config['channels_last'] else torch.contiguous_format
@@ -207,6 +208,10 @@ def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool)
     optimizer = build_optimizer(config, model)
     model_ema = ModelEmaV3(model, decay=config['model_ema_decay'])
     train_model = torch.compile(model) if compiled else model
+    teacher_model = None
+    if teacher:
+        teacher_model = create_model(teacher, num_classes=1000).to(device=device, memory_format=layout).eval()
+        teacher_model.requires_grad_(False)
     size, batch = config['img_size'], config['batch_size']
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 1000, (batch,), device=device)
@@ -218,6 +223,9 @@ def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool)
             _sync(device)
             start = time.perf_counter()
         with amp:
+            if teacher_model is not None:
+                with torch.no_grad():
+                    teacher_model(x)
             loss = F.cross_entropy(train_model(x), y)
         loss.backward()
         optimizer.step()
@@ -363,6 +371,14 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
     yield measured('step + ModelEmaV3 on device tensors, eager', None, lambda: (
         step_ceiling(config, device, args.steps, compiled=False), f'{args.steps} steps'))
     yield measured('train.py, decode auto', workers, lambda: train_py_speed(config, device, 'auto', out))
+    if args.kd_teacher:  # the teacher's forward in each step; random weights, saved as a checkpoint of ours
+        yield measured(f'step + ModelEmaV3 + teacher {args.kd_teacher} forward, eager', None, lambda: (
+            step_ceiling(config, device, args.steps, compiled=False, teacher=args.kd_teacher), f'{args.steps} steps'))
+        teacher, classes = out / 'teacher.pth.tar', len(open_image_folder(data, 'train').reader.class_to_idx)
+        torch.save(dict(state_dict=create_model(args.kd_teacher, num_classes=classes).state_dict(),
+                        config=dict(model=args.kd_teacher, num_classes=classes)), teacher)
+        yield measured(f'train.py, decode auto, teacher {args.kd_teacher}', workers,
+                       lambda: train_py_speed(config, device, 'auto', out, '--kd-teacher', str(teacher)))
     if args.auto_augment:  # the input paths of an auto-augment recipe: the CPU path, the split, the device's ops
         augment = ['--auto-augment', args.auto_augment]
         for decode, flags in (('cpu', []), ('gpu', ['--cpu-decode-share', '1']), ('gpu', ['--cpu-decode-share', '0'])):
@@ -800,6 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, default=20, help='timed steps of the ceiling (and least loader batches)')
     p.add_argument('--auto-augment', help="also train.py with this auto-augment (e.g. A3's rand-m6-mstd0.5-inc1) on "
                    'the CPU path, the split (cpu_decode_share 1) and the device ops (cpu_decode_share 0)')
+    p.add_argument('--kd-teacher', help='also the step and train.py with this timm model as a distillation teacher '
+                   "(random weights: the same speed), e.g. rn50_kd_funmatch_1200ep's "
+                   'resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k')
     p.add_argument('--out', help='also write the table to this markdown file')
     p = sub.add_parser('jpegs', help='make (or find) the generated ImageNet-like JPEGs and print their sizes')
     p.add_argument('--images', type=int, required=True)

@@ -270,6 +270,15 @@ OPTIONS = _grouped(
     Option('model_ema_decay', 0.9998, decay, 'EMA decay per EMA update, at batch_size and model_ema_interval '
            '(a batch_size or interval given on the command line rescales it: the same horizon in images)'),
     Option('model_ema_interval', 1, positive(integer), 'update the EMA every N optimizer steps'),
+    'knowledge distillation',
+    Option('kd_teacher', None, text, "teacher of a distillation: a timm model name with pretrained weights "
+           "('resnet152.tv2_in1k', downloaded by timm), an export folder as 'local-dir:FOLDER', or a checkpoint of ours "
+           '(its metric\'s weights); it sees each batch as the student does, after Mixup/CutMix', optional=True),
+    Option('kd_weight', None, non_negative(number), "weight of the distillation loss, T^2 KL(teacher || student) "
+           "(timm's distill_loss_weight; default: 1 - kd_task_weight when that is set, else 1)", optional=True),
+    Option('kd_task_weight', None, non_negative(number), "weight of the task loss (the run's own: cross-entropy, "
+           "BCE, soft targets) (timm's task_loss_weight; default 1; 0 for distillation alone)", optional=True),
+    Option('kd_temperature', 4.0, positive(number), 'softmax temperature of the distillation loss (timm\'s default)'),
     'evaluation and checkpoints',
     Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
            choices=('top1', 'top5', 'loss')),
@@ -439,7 +448,8 @@ def load_yaml(path) -> dict:
 # option we do not have, accepted only at timm's default, where it changes nothing.
 
 TIMM_RENAMED = {'aa': 'auto_augment', 'reprob': 're_prob', 'remode': 're_mode', 'recount': 're_count',
-                'drop': 'drop_rate', 'drop_path': 'drop_path_rate', 'data': 'data_dir'}
+                'drop': 'drop_rate', 'drop_path': 'drop_path_rate', 'data': 'data_dir', 'kd_model_name': 'kd_teacher',
+                'distill_loss_weight': 'kd_weight', 'task_loss_weight': 'kd_task_weight'}
 # how timm's process ran, not what it trained: any value is accepted and ignored (apex_amp and native_amp: which AMP
 # implementation timm 0.6 and older used)
 TIMM_IGNORED = {'local_rank', 'no_ddp_bb', 'pin_mem', 'no_prefetcher', 'use_multi_epochs_loader', 'synchronize_step',
@@ -452,11 +462,11 @@ TIMM_DEFAULTS = dict(
     bn_tf=False, jsd=False, aot_autograd=False,
     aug_repeats=0, aug_splits=0, bce_pos_weight=None, bce_sum=False, bce_target_thresh=None, bn_eps=None,
     bn_momentum=None, class_map='', color_jitter_prob=None, cooldown_epochs=0, dataset_trust_remote_code=False,
-    device_modules=None, dist_bn='reduce', distill_loss_weight=None, drop_block=None, drop_connect=None,
+    device_modules=None, dist_bn='reduce', drop_block=None, drop_connect=None,
     epoch_repeats=0.0, fast_norm=False, fuser='', gaussian_blur_prob=None, gp=None, grad_accum_steps=1,
     grad_checkpointing=False, grayscale_prob=None, head_init_bias=None, head_init_scale=None, in_chans=None,
     input_img_mode=None, input_key=None, jsd_loss=False, kd_distill_type='logit', kd_loss_type='kl',
-    kd_model_name=None, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_temperature=4.0,
+    kd_student_feature_dim=None, kd_teacher_feature_dim=None,
     kd_token_distill_type='soft', layer_decay=None, layer_decay_min_scale=0, layer_decay_no_opt_scale=None,
     lr_cycle_decay=0.5, lr_cycle_limit=1, lr_cycle_mul=1.0, lr_k_decay=1.0, lr_noise=None, lr_noise_pct=0.67,
     lr_noise_std=1.0, mixup_off_epoch=0, model_dtype=None, model_ema_force_cpu=False, model_ema_warmup=False,
@@ -464,7 +474,7 @@ TIMM_DEFAULTS = dict(
     naflex_patch_size_probs=None, naflex_patch_sizes=None, naflex_patchify_channels_first=False,
     naflex_train_seq_lens=[128, 256, 576, 784, 1024], no_aug=False, no_resume_opt=False, opt_kwargs={},
     patience_epochs=10, pretrained=False, pretrained_path=None, resplit=False, sched_on_updates=False,
-    split_bn=False, start_epoch=None, target_key=None, task_loss_weight=None, torchcompile_mode=None,
+    split_bn=False, start_epoch=None, target_key=None, torchcompile_mode=None,
     torchscript=False, train_batch_sizes=None, train_batches_per_epoch=None, train_crop_mode=None,
     train_img_sizes=None, train_num_samples=None, train_size_probs=None, train_size_random_mix=0.1,
     train_size_schedule='constant', train_size_schedule_spread=0.65, tta=0, val_interval=1, val_num_samples=None,
@@ -641,6 +651,13 @@ def validate(config: dict):
     require(not (config['auto_augment'] == TA_WIDE and config['train_interpolation'] == 'random'),
             'auto_augment ta_wide rotates and shears at one interpolation: set train_interpolation to bilinear, '
             'bicubic or nearest, not random')
+    kd_set = [name for name in ('kd_weight', 'kd_task_weight') if config[name] is not None]
+    require((config['kd_teacher'] is not None) or not kd_set, f'{", ".join(kd_set)} weigh a distillation: set '
+            'kd_teacher, or drop them')
+    distill_weight = config['kd_weight'] if config['kd_weight'] is not None else 1 - (config['kd_task_weight'] or 0)
+    require((config['kd_teacher'] is None) or (distill_weight > 0),
+            f'the distillation loss has weight {distill_weight:g} (kd_weight, else 1 - kd_task_weight): a teacher '
+            'needs a positive one; drop kd_teacher to train without it')
     require((config['cpu_decode_share'] is None) or (config['decode'] != 'cpu'),
             'cpu_decode_share splits the decoding of the device path (with decode: cpu the workers decode every image)')
 

@@ -118,8 +118,9 @@ def duration(seconds: float) -> str:
 
 
 def step_line(m: dict) -> str:
-    return (f"epoch {m['epoch']} step {m['step']}/{m['steps_per_epoch']}  loss {m['loss']:.5f}  lr {m['lr']:.4g}  "
-            f"{m['img_per_sec']:.0f} img/s  data wait {100 * m['data_wait']:.0f}%  "
+    parts = f" (task {m['task_loss']:.5f}, kd {m['kd_loss']:.5f})" if 'kd_loss' in m else ''
+    return (f"epoch {m['epoch']} step {m['step']}/{m['steps_per_epoch']}  loss {m['loss']:.5f}{parts}  "
+            f"lr {m['lr']:.4g}  {m['img_per_sec']:.0f} img/s  data wait {100 * m['data_wait']:.0f}%  "
             f"eta epoch {duration(m['eta_epoch'])} run {duration(m['eta_run'])}")
 
 
@@ -325,7 +326,8 @@ class WandbLogger:
 
     def log_step(self, metrics: dict):
         """Training metrics of a log line, at step = global optimizer step."""
-        data = {f'train/{k}': metrics[k] for k in ('loss', 'lr', 'img_per_sec', 'data_wait')}
+        data = {f'train/{k}': metrics[k] for k in ('loss', 'task_loss', 'kd_loss', 'lr', 'img_per_sec', 'data_wait')
+                if k in metrics}
         data['epoch_progress'] = metrics['epoch'] + metrics['step'] / metrics['steps_per_epoch']
         self._send(lambda run: run.log(data, step=metrics['global_step']))
 

@@ -533,7 +533,8 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
         reporter.epoch(row, progress.history, progress.global_step)
         checkpoints.epoch_end(progress, metric, metric_weights)
-        reporter.best(config['eval_metric'], *reporting.best_of(progress.history, config['eval_metric']))
+        reporter.best(config['eval_metric'], *reporting.best_of(progress.history, config['eval_metric']),
+                      progress.global_step)
         if stop.agreed()[0]:
             raise Interrupted()
     checkpoints.wait()

@@ -7,6 +7,7 @@ import argparse
 import difflib
 import math
 import os
+import re
 import shlex
 import sys
 from collections.abc import Hashable
@@ -543,6 +544,41 @@ def _timm_lr(data: dict, opt: str, source: str) -> tuple:
         raise UserError(f'{source}: lr_base, lr_base_size, batch_size: {e}') from None
 
 
+def agent_arguments(argv: list) -> list:
+    """Flags as W&B's sweep agent writes them, as ours: it passes each sweep parameter as --name=value, under the
+    sweep file's name (a recipe key: --weight_decay) and in Python's spelling (--model_ema=True, --scale=[0.5, 1.0],
+    --num_classes=None). Anything else passes unchanged; a name that is no option stays for argparse to refuse."""
+    translated = []
+    for arg in argv:
+        match = re.fullmatch(r'--([A-Za-z][\w-]*)=(.*)', arg, re.DOTALL)
+        option = BY_NAME.get(match.group(1).replace('-', '_')) if match else None
+        if option is None:
+            translated.append(arg)
+            continue
+        value = match.group(2)
+        if option.convert is flag:
+            try:
+                on = flag(value)
+            except ValueError:
+                raise UserError(f'command line: {option.name}: expected true or false, got {value!r}') from None
+            translated.append(option.flag if on else f'--no-{option.flag[2:]}')
+        elif option.convert.__name__.startswith('list') or option.convert is number_or_list:
+            try:
+                values = yaml.safe_load(value)
+            except yaml.YAMLError:
+                values = value
+            translated += [option.flag, *(map(str, values) if isinstance(values, list) else [value])]
+        else:
+            translated.append(f'{option.flag}={value}')
+    return translated
+
+
+def sweep_trial() -> Optional[tuple]:
+    """(sweep id, run id) when W&B's sweep agent started this process (its WANDB_SWEEP_ID and WANDB_RUN_ID)."""
+    sweep, run = os.environ.get('WANDB_SWEEP_ID'), os.environ.get('WANDB_RUN_ID')
+    return (sweep, run) if (sweep and run) else None
+
+
 def parse_config(argv: Optional[list] = None) -> dict:
     """Resolve the configuration from defaults, an optional recipe (-c) and command line flags.
 
@@ -556,7 +592,7 @@ def parse_config(argv: Optional[list] = None) -> dict:
         interval) of the recipe when a batch_size or model_ema_interval given on the command line rescaled
         model_ema_decay, else None).
     """
-    cli = vars(_build_parser().parse_strict(argv))
+    cli = vars(_build_parser().parse_strict(agent_arguments(sys.argv[1:] if argv is None else argv)))
     recipe_path = cli.pop('config', None)
 
     config = {o.name: o.default for o in OPTIONS}
@@ -584,6 +620,10 @@ def parse_config(argv: Optional[list] = None) -> dict:
         config[key] = _check_value(BY_NAME[key], value, 'command line')
 
     config['experiment'] = config['experiment'] or config['recipe'] or config['model']
+    if sweep_trial():  # each trial in its own run folder, named after its W&B run: a re-run of it continues it
+        sweep, run = sweep_trial()
+        config['output'] = str(Path(config['output']) / f"{config['experiment']}-sweep-{sweep}")
+        config['experiment'] = run
     if timm_run and (run_folder_of(config) / 'args.yaml').is_file():
         raise UserError(f'the run folder {run_folder_of(config)} is a timm run (it holds args.yaml); give --output or '
                         '--experiment for a run folder of train.py')

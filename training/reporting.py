@@ -259,7 +259,8 @@ class WandbLogger:
     """
 
     def __init__(self, config: dict, run_dir: Path, run_id: Optional[str], extra_config: dict):
-        self.run_id = run_id or new_wandb_run_id()
+        # a sweep agent names the trial's run in WANDB_RUN_ID (and a user may, to continue a run of theirs)
+        self.run_id = run_id or os.environ.get('WANDB_RUN_ID') or new_wandb_run_id()
         self.run = None
         self.offline = False
         self._off = False  # once W&B failed or finished: nothing more is sent
@@ -267,7 +268,7 @@ class WandbLogger:
         self._lock = threading.Lock()  # orders the calls of the training thread and of the start
         init_args = dict(
             project=config['wandb_project'], entity=config['wandb_entity'], dir=str(run_dir),
-            name=config['wandb_name'] or config['experiment'],
+            name=config['wandb_name'] or (None if os.environ.get('WANDB_SWEEP_ID') else config['experiment']),
             group=config['wandb_group'] or config['recipe'] or config['experiment'],
             tags=config['wandb_tags'], config=extra_config, id=self.run_id, resume='allow')
         self._starting = threading.Thread(target=self._start, args=(init_args,), name='wandb-start', daemon=True)
@@ -337,11 +338,12 @@ class WandbLogger:
         data['epoch'] = row['epoch']
         self._send(lambda run: run.log(data, step=global_step))
 
-    def set_best(self, metric: str, value: float, weights: str, epoch: int):
-        """The best epoch by the metric that ranks checkpoints (eval_metric), as best/<metric>, best/weights and
-        best/epoch in the run's summary."""
-        best = {f'best/{metric}': value, 'best/weights': weights, 'best/epoch': epoch}
-        self._send(lambda run: run.summary.update(best))
+    def set_best(self, metric: str, value: float, weights: str, epoch: int, global_step: int):
+        """The best epoch so far by the metric that ranks checkpoints (eval_metric): best/<metric> and best/epoch in
+        the history at the epoch's step (a sweep's metric, which Hyperband reads epoch by epoch), and with best/weights
+        in the run's summary."""
+        best = {f'best/{metric}': value, 'best/epoch': epoch}
+        self._send(lambda run: (run.log(best, step=global_step), run.summary.update({'best/weights': weights})))
 
     def finish(self):
         """Close the W&B run, first waiting for a start still under way so that what was logged reaches it."""
@@ -430,9 +432,9 @@ class Reporter:
             self.plotting.join()
             self.plotting = None
 
-    def best(self, metric: str, value: float, weights: str, epoch: int):
+    def best(self, metric: str, value: float, weights: str, epoch: int, global_step: int):
         if self.wandb is not None:
-            self.wandb.set_best(metric, value, weights, epoch)
+            self.wandb.set_best(metric, value, weights, epoch, global_step)
 
     def finish(self):
         self.progress.clear()

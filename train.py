@@ -4,7 +4,7 @@
     python train.py -c recipes/rn50_130ep.yaml [--flag value ...]
     torchrun --nproc_per_node=8 train.py -c recipes/rn50_130ep.yaml
 
-The file reads top to bottom: builders (model, loss, optimizer, schedule, EMA), saving, the epoch loop
+The file reads top to bottom: builders (model, loss, optimizer, schedule, EMA and SWA), saving, the epoch loop
 (train_one_epoch: every decision of a step in the order it happens), then train(), which wires them.
 
 Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 74 the newest state could not be saved (disk full,
@@ -13,6 +13,7 @@ command again to continue), 128+N a second signal N (exit without saving).
 """
 import dataclasses
 import errno
+import itertools
 import logging
 import math
 import os
@@ -31,16 +32,19 @@ from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
+from torch.optim.swa_utils import AveragedModel
 
 import model_defs  # noqa: F401  registers resnet50_custom
 from training import checkpoint, distill, distributed, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, architecture_options, parse_config, save_config, saved_config
-from training.data import (BUILTIN_ROOT, STEP, BatchLayout, Datasets, Loaders, build_loaders, choice_line, choose_share,
-                           create_random_erasing, data_configs, derive_seed, epoch_steps, image_sizes, locate_dataset,
-                           open_datasets, open_image_folder, read_manifest, resolve_input_path, seed_all)
+from training.data import (BUILTIN_ROOT, STEP, SWA_BN, BatchLayout, Datasets, Loaders, build_loaders, choice_line,
+                           choose_share, create_random_erasing, data_configs, derive_seed, epoch_steps, image_sizes,
+                           locate_dataset, open_datasets, open_image_folder, read_manifest, resolve_input_path,
+                           seed_all)
 from training.distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
-from training.engine import (BatchNormSteps, Interrupted, NonFiniteLoss, autocast, clipped_parameters, evaluate)
+from training.engine import (BatchNormSteps, Interrupted, NonFiniteLoss, autocast, clipped_parameters, evaluate,
+                             recompute_batchnorm)
 
 _logger = logging.getLogger('train')
 
@@ -182,7 +186,46 @@ class OneCycleScheduler(Scheduler):
                 group['momentum'] = momentum
 
 
+class SwaScheduler(Scheduler):
+    """The run's schedule up to the first step of SWA, then torch's SWALR: a cosine from the schedule's lr at that
+    step to swa_lr over anneal_steps, then swa_lr.
+
+    Ours because SWALR counts its own steps (it is meant to be stepped once an epoch) and anneals from whatever lr the
+    optimizer holds when it is built, so a resumed run would need its step count and that lr restored. Here the lr is
+    a function of the step alone, as with every schedule of train.py: a resumed run needs only the counter
+    (tests/test_swa.py compares it with SWALR step by step). The run's schedule is still stepped first, so that what
+    else it sets (onecycle's momentum) goes on.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Scheduler, start_step: int, anneal_steps: int,
+                 swa_lr: float):
+        self.schedule, self.start_step, self.anneal_steps, self.swa_lr = schedule, start_step, anneal_steps, swa_lr
+        super().__init__(optimizer, param_group_field='lr', t_in_epochs=False)
+
+    def _get_lr(self, t: int) -> list:
+        # _get_lr(t), the lrs at step t, is what every timm Scheduler defines (timm 1.0.31; tests/test_swa.py checks
+        # the result step by step); step_update() would set them on the optimizer
+        starts = self.schedule._get_lr(self.start_step)
+        share = min(1.0, (t - self.start_step) / self.anneal_steps) if self.anneal_steps > 0 else 1.0
+        alpha = (1 - math.cos(math.pi * share)) / 2  # SWALR's anneal_strategy='cos'
+        return [self.swa_lr * alpha + start * (1 - alpha) for start in starts]
+
+    def step_update(self, num_updates: int, metric: Optional[float] = None):
+        self.schedule.step_update(num_updates, metric)
+        if num_updates >= self.start_step:
+            super().step_update(num_updates, metric)
+
+
 def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
+    """The run's schedule (see run_schedule), handed over to SwaScheduler from swa_start_epoch on when swa_lr is set."""
+    schedule = run_schedule(config, optimizer, steps_per_epoch)
+    if config['swa_lr'] is None:
+        return schedule
+    return SwaScheduler(optimizer, schedule, config['swa_start_epoch'] * steps_per_epoch,
+                        config['swa_anneal_epochs'] * steps_per_epoch, config['swa_lr'])
+
+
+def run_schedule(config: dict, optimizer, steps_per_epoch: int):
     """timm's scheduler, stepped every optimizer step: the lr is a function of the step alone.
 
     'triangular' (FFCV's cyclic schedule) is timm's poly schedule of power 1 after a warmup prefix: linear up to lr at
@@ -211,7 +254,7 @@ def build_scheduler(config: dict, optimizer, steps_per_epoch: int):
 @dataclass
 class Trainer:
     """What a training step touches."""
-    model: torch.nn.Module  # unwrapped: saved, evaluated, and averaged by the EMA
+    model: torch.nn.Module  # unwrapped: saved, evaluated, and averaged by the EMA and SWA
     train_model: torch.nn.Module  # the model as trained: DDP and/or torch.compile around `model`
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -220,6 +263,8 @@ class Trainer:
     random_erasing: Optional[object]
     model_ema: Optional[ModelEmaV3]
     ema_interval: int  # optimizer steps between EMA updates
+    model_swa: Optional[AveragedModel]  # updated at the end of each epoch from swa_start_epoch on
+    swa_start_epoch: Optional[int]
     batchnorm: Optional[BatchNormSteps]  # None: a single process without accumulation needs no averaging
     scaler: Optional[NativeScaler]  # float16 only
     amp_dtype: Optional[torch.dtype]
@@ -240,6 +285,8 @@ def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: to
     optimizer = build_optimizer(config, model)
     # ModelEmaV3: the same average as V2 in one foreach update (V2 updates tensor by tensor, ~6% of a GPU step)
     model_ema = ModelEmaV3(model, decay=config['model_ema_decay']) if config['model_ema'] else None
+    # equal weights for every epoch averaged; its BatchNorm statistics are recomputed, not averaged (swa_batchnorm)
+    model_swa = AveragedModel(model) if config['swa_start_epoch'] is not None else None
     train_model = model
     if procs.distributed:
         # BatchNormSteps keeps the processes' BN statistics equal; no need to broadcast them every forward
@@ -263,7 +310,7 @@ def build_trainer(config: dict, procs: Processes, layout: BatchLayout, model: to
         model=model, train_model=train_model, optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, steps_per_epoch), loss_fn=loss_fn, mixup=mixup,
         random_erasing=create_random_erasing(config, device), model_ema=model_ema,
-        ema_interval=config['model_ema_interval'],
+        ema_interval=config['model_ema_interval'], model_swa=model_swa, swa_start_epoch=config['swa_start_epoch'],
         batchnorm=BatchNormSteps(model, procs) if (procs.distributed or layout.accum_steps > 1) else None,
         scaler=NativeScaler(device.type) if amp_dtype == torch.float16 else None, amp_dtype=amp_dtype,
         clip_grad=config['clip_grad'], clip_mode=config['clip_mode'],
@@ -285,7 +332,7 @@ class Checkpoints:
                  metric_weights: Optional[str], wandb_run_id: Optional[str]):
         self.saver, self.procs = saver, procs
         self.config, self.data_fingerprint = config, data_fingerprint
-        self.metric_weights = metric_weights  # raw or EMA: the weights that earned the newest epoch its metric
+        self.metric_weights = metric_weights  # raw, ema or swa: the weights that earned the newest epoch its metric
         self.wandb_run_id = wandb_run_id
         self.versions = checkpoint.versions()
         self.last_time = time.monotonic()
@@ -431,12 +478,14 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
             fetched = time.perf_counter()
             continue
 
-        # the optimizer step, BatchNorm statistics, EMA, and the lr of the next step
+        # the optimizer step, BatchNorm statistics, EMA, SWA at the epoch's end, and the lr of the next step
         optimizer_step(t)
         if t.batchnorm is not None:
             t.batchnorm.end_step(accum)
         if (t.model_ema is not None) and ((progress.global_step + 1) % t.ema_interval == 0):
             t.model_ema.update(t.model)
+        if swa_due(t, progress.epoch) and (progress.step + 1 == steps_per_epoch):
+            t.model_swa.update_parameters(t.model)  # in the step: a save from here on holds it, and is not repeated
         progress.step += 1
         progress.global_step += 1
         t.scheduler.step_update(num_updates=progress.global_step)
@@ -485,25 +534,65 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
 
 
 def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, img_size: int, speed: dict,
-                raw: dict, ema: Optional[dict], bad_images: int) -> dict:
+                results: dict, bad_images: int) -> dict:
+    """Args:
+        results: evaluate()'s result of each weights kind evaluated: raw, and ema and swa where evaluated.
+    """
+    raw = results['raw']
     row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr, img_size=img_size,
                val_loss=raw['loss'], val_top1=raw['top1'], val_top5=raw['top5'],
                epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'],
                bad_images=bad_images)
-    if ema:
-        row.update(ema_val_loss=ema['loss'], ema_val_top1=ema['top1'], ema_val_top5=ema['top5'])
+    for kind in ('ema', 'swa'):
+        if kind in results:
+            row.update({f'{kind}_val_{k}': results[kind][k] for k in ('loss', 'top1', 'top5')})
     return row
 
 
-def bad_images_met(loaders: Loaders, procs: Processes) -> int:
-    """Unreadable files met (each replaced, and logged with its path once) since the last epoch, over all processes."""
-    count = loaders.train.epoch_report().count + loaders.val.epoch_report().count
+def bad_images_met(train_count: int, loaders: Loaders, procs: Processes) -> int:
+    """Unreadable files met (each replaced, and logged with its path once) since the last epoch, over all processes.
+
+    Args:
+        train_count: those of the training loader's epoch report, taken before the SWA BatchNorm pass met its first
+            files again.
+    """
+    count = train_count + loaders.val.epoch_report().count
     return int(sum_over_ranks(torch.tensor(count, device=procs.device), procs))
+
+
+def swa_due(t: Trainer, epoch: int) -> bool:
+    """Whether epoch's end updates the SWA average, and its evaluation includes it."""
+    return (t.model_swa is not None) and (epoch >= t.swa_start_epoch)
+
+
+def swa_batchnorm(t: Trainer, loaders: Loaders, epoch: int, config: dict, procs: Processes,
+                  layout: BatchLayout) -> float:
+    """Recompute the BatchNorm statistics of the SWA average (torch's update_bn) from the first swa_bn_batches
+    training batches of `epoch` (at most the epoch), before its evaluation; returns the seconds it took.
+
+    The same batches whether or not the run was interrupted: the training sampler at (epoch, 0) draws the same images
+    with the same augmentation (seeded by position), and the drop path of each forward is seeded right before it, as
+    training seeds its micro-batches, whatever the loader drew meanwhile; so a resumed run recomputes the same
+    statistics, and any number of processes the same as one. Batch augmentation (Mixup, CutMix, random erasing) is left
+    out, as torch's update_bn takes the loader's batches.
+    """
+    def seeded(batches):
+        for i, batch in enumerate(batches):
+            step, j = divmod(i, layout.accum_steps)
+            seed_all(derive_seed(config['seed'], SWA_BN, epoch, step, procs.rank * layout.accum_steps + j))
+            yield batch
+    start = time.perf_counter()
+    steps = min(config['swa_bn_batches'], loaders.steps_per_epoch)
+    loaders.sampler.set_position(epoch, 0)
+    recompute_batchnorm(t.model_swa.module, seeded(itertools.islice(loaders.train, steps * layout.accum_steps)),
+                        procs, t.amp_dtype, config['channels_last'])
+    loaders.train.epoch_report()  # the unreadable files it met again were counted in training
+    return time.perf_counter() - start
 
 
 def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders: Loaders, progress: Progress,
         checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest) -> int:
-    """Epoch after epoch: train, evaluate raw and EMA weights, report, save; returns the exit code."""
+    """Epoch after epoch: train, evaluate raw, EMA and SWA weights, report, save; returns the exit code."""
     steps_per_epoch = loaders.steps_per_epoch
     numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], eval_flip=config['eval_flip'],
                     stop=stop)
@@ -517,16 +606,21 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
             loaders.sampler.set_position(epoch, progress.step)
             speed = train_one_epoch(t, loaders.train, progress, config, procs, layout, steps_per_epoch,
                                     checkpoints, reporter, stop)
-        try:  # raw and EMA weights in one pass over the validation images
-            raw, *ema = evaluate([t.model] + ([t.model_ema.module] if t.model_ema else []), loaders.val, procs,
-                                 **numerics)
+        train_bad_images = loaders.train.epoch_report().count
+        models = {'raw': t.model}
+        if t.model_ema is not None:
+            models['ema'] = t.model_ema.module
+        if swa_due(t, epoch):
+            progress.seconds += swa_batchnorm(t, loaders, epoch, config, procs, layout)
+            models['swa'] = t.model_swa.module
+        try:  # raw, EMA and SWA weights in one pass over the validation images
+            results = dict(zip(models, evaluate(list(models.values()), loaders.val, procs, **numerics)))
         except Interrupted:  # saved with its evaluation pending
             checkpoints.mid_epoch(progress)
             raise
-        ema = ema[0] if ema else None
-        progress.seconds += raw['seconds']
-        row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], img_size, speed, raw,
-                          ema, bad_images_met(loaders, procs))
+        progress.seconds += results['raw']['seconds']
+        row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], img_size, speed,
+                          results, bad_images_met(train_bad_images, loaders, procs))
         metric, metric_weights = reporting.ranking_metric(row, config['eval_metric'])
         progress.history.append(row)
         progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
@@ -608,7 +702,7 @@ def resume_or_start(config: dict, procs: Processes, run_dir: Path, t: Trainer, d
                 t.model_ema.set(t.model)
         return Progress(), None
     checkpoint.check_resume(config, state, path, datasets.fingerprint)
-    progress = checkpoint.restore(state, t.model, t.model_ema, t.optimizer, t.scaler,
+    progress = checkpoint.restore(state, t.model, t.model_ema, t.model_swa, t.optimizer, t.scaler,
                                   same_optimizer=state['config']['opt'] == config['opt'])
     _logger.info(f'Resuming {path}: epoch {progress.epoch}, step {progress.step}/{steps_per_epoch}')
     return progress, state
@@ -673,8 +767,8 @@ def train(config: dict, procs: Processes) -> int:
     saver = None
     if procs.is_primary:
         saver = RunCheckpointSaver(
-            t.model, t.optimizer, model_ema=t.model_ema, amp_scaler=t.scaler, checkpoint_dir=str(run_dir),
-            recovery_dir=str(run_dir), decreasing=config['eval_metric'] == 'loss',
+            t.model, t.optimizer, model_ema=t.model_ema, model_swa=t.model_swa, amp_scaler=t.scaler,
+            checkpoint_dir=str(run_dir), recovery_dir=str(run_dir), decreasing=config['eval_metric'] == 'loss',
             max_history=config['checkpoint_hist'])
         if state is not None:
             saver.load_state_dict(state['saver'])
@@ -748,6 +842,12 @@ def dry_run_lines(config: dict, world_size: int) -> list:
     images, source = count_train_images(config)
     ema = (f"decay {config['model_ema_decay']:.8g} per update, every {config['model_ema_interval']} optimizer "
            'step(s)') if config['model_ema'] else 'off'
+    swa = 'off'
+    if config['swa_start_epoch'] is not None:
+        lr = (f"lr to {config['swa_lr']:g} over {config['swa_anneal_epochs']} epoch(s)" if config['swa_lr'] is not None
+              else "the run's lr schedule")
+        swa = (f"average of the epoch ends from epoch {config['swa_start_epoch']} on, {lr}; BatchNorm from "
+               f"{config['swa_bn_batches']} batches")
     lines = [
         f"Dry run of {config['experiment']} on {world_size} GPU(s) (WORLD_SIZE=N for N): nothing is written",
         f'global batch:   {layout.global_batch} = {world_size} GPU(s) x {layout.accum_steps} accumulated x '
@@ -755,6 +855,7 @@ def dry_run_lines(config: dict, world_size: int) -> list:
         f"lr:             {config['lr']:g} ({config['sched']} schedule, {config['epochs']} epochs, warmup "
         f"{config['warmup_epochs']:g})",
         f'EMA:            {ema}',
+        f'SWA:            {swa}',
         *(f"{'rescaled:' if i == 0 else '':16}{line}" for i, line in enumerate(rescaling_lines(config))),
         f"image size:     {epoch_ranges(sizes.ranges(config['epochs']))}; validation {val_cfg['input_size'][-1]} px "
         f"(crop_pct {val_cfg['crop_pct']:g})",

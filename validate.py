@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on a validation set with the same evaluation code train.py uses.
 
-    python validate.py --checkpoint output/rn50_130ep/model_best.pth.tar [--data-dir DIR] [--weights ema|raw]
+    python validate.py --checkpoint output/rn50_130ep/model_best.pth.tar [--data-dir DIR] [--weights ema|raw|swa]
 
 Model, class count and preprocessing come from the checkpoint (ours, or one written by timm's train.py); a plain state
 dict needs --model, and --num-classes where its classifier does not tell. The dataset's class
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     parser.add_argument('--data-dir', help="dataset root (default: the checkpoint's, or $IMAGENET_DIR)")
     parser.add_argument('--dataset', help="dataset type (default: the checkpoint's)")
     parser.add_argument('--split', default='validation', help='split to evaluate (default: validation = val/)')
-    parser.add_argument('--weights', choices=('ema', 'raw'),
+    parser.add_argument('--weights', choices=('ema', 'raw', 'swa'),
                         help='weights to evaluate (default: those that earned the checkpoint its metric)')
     parser.add_argument('--img-size', type=int, help='image size (default: the checkpoint\'s validation size)')
     parser.add_argument('--crop-pct', type=float, help='center crop fraction (default: the checkpoint\'s)')

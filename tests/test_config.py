@@ -123,9 +123,9 @@ def test_help_lists_every_option_once_in_its_group(capsys, monkeypatch):
         elif (flags is not None) and re.match(r'  -', line):
             flags.append(line.split()[0].rstrip(','))  # the first flag of an option's entry
     assert list(sections) == ['options', 'data', 'model', 'input size and preprocessing',
-                              'augmentation and regularisation', 'optimisation and schedule', 'EMA',
-                              'knowledge distillation', 'evaluation and checkpoints', 'execution and distributed', 'cost estimate (--dry-run)',
-                              'logging', 'actions']
+                              'augmentation and regularisation', 'optimisation and schedule', 'EMA and SWA',
+                              'knowledge distillation', 'evaluation and checkpoints', 'execution and distributed',
+                              'cost estimate (--dry-run)', 'logging', 'actions']
     listed = [flag for group in sections.values() for flag in group]
     assert sorted(listed) == sorted(['-h', '-c', *(o.flag for o in OPTIONS)])
     assert all(o.flag in sections[o.group] for o in OPTIONS)

@@ -30,7 +30,8 @@ from conftest import REPO, TINY, load, summary
 # of 8. The step losses may still differ in the last bits, because DDP averages the gradients with an all-reduce
 # where accumulation adds halves, and with more than 2 processes the summation order differs too: we allow 1e-4.
 LOSS_TOLERANCE = 1e-4
-MIXED = ['--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5', '--drop-path-rate', '0.1']
+MIXED = ['--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5', '--drop-path-rate', '0.1', '--swa-start-epoch', '1',
+         '--swa-bn-batches', '2']
 ONE_THREAD = {'OMP_NUM_THREADS': '1'}
 
 
@@ -73,9 +74,10 @@ def test_two_processes_equal_one_process_step_by_step(runs):
     assert max(abs(a - b) for a, b in zip(losses_two, losses_one)) <= LOSS_TOLERANCE
     for a, b in zip(summary(two), summary(one), strict=True):
         assert a['val_top1'] == b['val_top1'] and a['ema_val_top1'] == b['ema_val_top1']
+        assert a['swa_val_top1'] == b['swa_val_top1']  # BatchNorm recomputed on shards, averaged: the same
         assert a['train_loss'] == pytest.approx(b['train_loss'], abs=LOSS_TOLERANCE)
     final_two, final_one = load(two / 'last.pth.tar'), load(one / 'last.pth.tar')
-    for key in ('state_dict', 'state_dict_ema'):
+    for key in ('state_dict', 'state_dict_ema', 'state_dict_swa'):
         for name, tensor in final_two[key].items():
             assert torch.allclose(tensor.double(), final_one[key][name].double(), atol=1e-5), name
 
@@ -84,13 +86,13 @@ def test_two_process_checkpoints_have_clean_names_and_load_in_validate(runs, tmp
     two, _ = runs
     state = load(two / 'model_best.pth.tar')
     assert state['world_size'] == 2
-    for key in ('state_dict', 'state_dict_ema'):
+    for key in ('state_dict', 'state_dict_ema', 'state_dict_swa'):
         assert not [k for k in state[key] if k.startswith(('module.', '_orig_mod.'))]
     out = tmp_path / 'r.json'
     assert validate.main(['--checkpoint', str(two / 'model_best.pth.tar'), '-j', '0', '--device', 'cpu',
                           '--results-file', str(out)]) == 0
     results, row = json.loads(out.read_text()), summary(two)[state['epoch']]
-    logged = row['ema_val_top1'] if results['weights'] == 'ema' else row['val_top1']
+    logged = row['val_top1'] if results['weights'] == 'raw' else row[f"{results['weights']}_val_top1"]
     assert results['top1'] == pytest.approx(logged, abs=0.01)
 
 

@@ -31,7 +31,8 @@ def test_two_epochs_write_checkpoints_and_summary_rows(two_epochs):
     rows = summary(two_epochs)
     assert [r['epoch'] for r in rows] == [0, 1]
     for row in rows:
-        assert all(row[c] is not None for c in SUMMARY_COLUMNS)
+        assert all(row[c] is not None for c in SUMMARY_COLUMNS if not c.startswith('swa_'))  # SWA is off
+        assert all(row[c] is None for c in SUMMARY_COLUMNS if c.startswith('swa_'))
         assert 0 <= row['val_top1'] <= row['val_top5'] <= 100
     assert rows[1]['train_loss'] < rows[0]['train_loss']  # it learns
     assert rows[1]['lr'] < rows[0]['lr']  # cosine, stepped every step

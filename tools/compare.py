@@ -25,7 +25,7 @@ def load_run(run_dir: Path) -> dict:
 
 
 def run_stats(rows: list) -> dict:
-    """Top-1 of the better of raw and EMA weights: best (with its epoch and weights) and final; time; speed."""
+    """Top-1 of the best of raw, EMA and SWA weights: best (with its epoch and weights) and final; time; speed."""
     if not rows:
         return dict(epochs=0)
     best, weights, epoch = best_of(rows, 'top1')

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a checkpoint for timm and the Hugging Face Hub: weights, config, model card, and the web demo.
 
-    python tools/export.py --checkpoint output/rn50_130ep/model_best.pth.tar --out export/rn50 [--weights ema|raw]
+    python tools/export.py --checkpoint output/rn50_130ep/model_best.pth.tar --out export/rn50 [--weights ema|raw|swa]
                            [--onnx]
 
 Writes, in the layout timm's Hub loader reads (`timm.create_model('local-dir:DIR', pretrained=True)`, or
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser = OneLineParser(prog='export.py', description=__doc__.splitlines()[0])
     parser.add_argument('--checkpoint', required=True, help='training checkpoint')
     parser.add_argument('--out', required=True, help='folder to write (new, empty, or an earlier export)')
-    parser.add_argument('--weights', choices=('ema', 'raw'),
+    parser.add_argument('--weights', choices=('ema', 'raw', 'swa'),
                         help='weights to export (default: those that earned the checkpoint its metric)')
     parser.add_argument('--onnx', action='store_true', help='also write model.onnx (needs onnx and onnxscript)')
     return parser.parse_strict(argv)
@@ -108,7 +108,7 @@ def logged_top1(run_dir: Path, epoch: int, weights: str):
         rows = read_summary(run_dir / 'summary.csv')
     except OSError:
         return None
-    column = 'ema_val_top1' if weights == 'ema' else 'val_top1'
+    column = 'val_top1' if weights == 'raw' else f'{weights}_val_top1'
     return next((row.get(column) for row in rows if row.get('epoch') == epoch), None)
 
 

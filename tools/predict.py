@@ -2,7 +2,7 @@
 """Top-k classes of images with a trained checkpoint or a folder written by tools/export.py.
 
     python tools/predict.py --checkpoint output/rn50_130ep/model_best.pth.tar photo.jpg photos/ [--top-k 5]
-                            [--weights ema|raw] [--json predictions.json]
+                            [--weights ema|raw|swa] [--json predictions.json]
 
 Model, weights and preprocessing (size, crop, interpolation, mean, std) come from the checkpoint as validate.py takes
 them. Classes are named by ImageNet's synset table (shipped with timm) for ImageNet-1k checkpoints, by the class
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument('images', nargs='+', metavar='IMAGE_OR_FOLDER', help='image files and folders of them')
     parser.add_argument('--checkpoint', required=True, help='training checkpoint, state dict, or export folder')
     parser.add_argument('--top-k', type=validate.positive, default=5, help='classes shown per image (default: 5)')
-    parser.add_argument('--weights', choices=('ema', 'raw'),
+    parser.add_argument('--weights', choices=('ema', 'raw', 'swa'),
                         help='weights of a checkpoint (default: those that earned the checkpoint its metric)')
     parser.add_argument('--model', help='model name of a plain state dict')
     parser.add_argument('--num-classes', type=int, help='class count of a plain state dict (default: its classifier)')

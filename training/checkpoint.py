@@ -91,15 +91,21 @@ class RunCheckpointSaver(CheckpointSaver):
     beforehand, not the live tensors, so that a save can be written while training goes on (see BackgroundSave).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, model_swa=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_swa = model_swa  # torch's AveragedModel, which timm's saver does not know
         self._run_state = None
 
     def snapshot(self) -> dict:
-        """Weights (raw and EMA), optimizer and scaler state as CPU copies that training no longer changes."""
+        """Weights (raw, EMA, and SWA once it has averaged an epoch), optimizer and scaler state as CPU copies that
+        training no longer changes."""
         state = {'state_dict': get_state_dict(self.model, self.unwrap_fn), 'optimizer': self.optimizer.state_dict()}
         if self.model_ema is not None:
             state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if (self.model_swa is not None) and (self.model_swa.n_averaged > 0):
+            # the module's state dict, which loads into the model as the raw one does; the count as a plain int
+            state['state_dict_swa'] = get_state_dict(self.model_swa.module, self.unwrap_fn)
+            state['swa_n_averaged'] = int(self.model_swa.n_averaged)
         if self.amp_scaler is not None:
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
         return cpu_copy(state)
@@ -433,8 +439,13 @@ def find_resume_state(resume_path: Optional[str], run_dir: Path, procs) -> tuple
     return path, found.get('state') or load(path)  # rank 0 has loaded it already
 
 
-def restore(state: dict, model, model_ema, optimizer, scaler, same_optimizer: bool) -> Progress:
-    """Load a checkpoint's full training state into the components; returns where the run stands."""
+def restore(state: dict, model, model_ema, model_swa, optimizer, scaler, same_optimizer: bool) -> Progress:
+    """Load a checkpoint's full training state into the components; returns where the run stands.
+
+    Args:
+        model_swa: torch's AveragedModel; a checkpoint without SWA weights leaves it empty, to average from the next
+            epoch end on (a run saved before its swa_start_epoch, or one that had SWA off).
+    """
     model.load_state_dict(state['state_dict'])
     if model_ema is not None:
         if 'state_dict_ema' in state:
@@ -442,6 +453,9 @@ def restore(state: dict, model, model_ema, optimizer, scaler, same_optimizer: bo
         else:
             _logger.warning('WARNING: the checkpoint has no EMA weights; the EMA starts from the current weights')
             model_ema.set(model)
+    if (model_swa is not None) and ('state_dict_swa' in state):
+        model_swa.module.load_state_dict(state['state_dict_swa'])
+        model_swa.n_averaged.fill_(state['swa_n_averaged'])
     if same_optimizer:
         settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
         optimizer.load_state_dict(state['optimizer'])
@@ -624,10 +638,10 @@ def clear_run_folder(run_dir: Path, initial_checkpoint: Optional[str] = None):
 
 
 def weights_from(state: dict, which: str, path, raw_flag: str) -> dict:
-    """The raw or EMA state dict of a checkpoint (or the file itself when it is a plain state dict).
+    """The raw, EMA or SWA state dict of a checkpoint (or the file itself when it is a plain state dict).
 
     Args:
-        raw_flag: the option that asks for the raw weights, named when the checkpoint has no EMA weights.
+        raw_flag: the option that asks for the raw weights, named when the checkpoint has no EMA or SWA weights.
     """
     if 'state_dict' not in state:
         if isinstance(state.get('model'), dict):  # DeiT / ConvNeXt training checkpoints, read by timm's loader too
@@ -640,6 +654,12 @@ def weights_from(state: dict, which: str, path, raw_flag: str) -> dict:
         if 'state_dict_ema' not in state:
             raise UserError(f'{path} holds no EMA weights; pass {raw_flag} for its raw weights')
         return state['state_dict_ema']
+    if which == 'swa':
+        if 'state_dict_swa' not in state:
+            start = (state.get('config') or {}).get('swa_start_epoch')
+            why = 'SWA was off in its run' if start is None else f'its run averages from epoch {start} on'
+            raise UserError(f'{path} holds no SWA weights ({why}); pass {raw_flag} for its raw weights')
+        return state['state_dict_swa']
     return state['state_dict']
 
 

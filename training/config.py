@@ -170,7 +170,8 @@ OPTIONS = _grouped(
            choices=('se',)),
     Option('initial_checkpoint', None, text, 'start a new schedule from the weights of this checkpoint',
            optional=True),
-    Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides', choices=('ema', 'raw')),
+    Option('initial_weights', 'ema', text, 'which weights --initial-checkpoint provides',
+           choices=('ema', 'raw', 'swa')),
     'input size and preprocessing',  # defaults from the model's pretrained cfg
     Option('img_size', None, positive(integer), 'training image size (default: the model default, 224)',
            optional=True),
@@ -266,11 +267,22 @@ OPTIONS = _grouped(
            'Adam\'s beta1), cycled against the lr: max at the start and end, base at the peak; null keeps the '
            'optimizer\'s', optional=True),
     Option('seed', 42, non_negative(integer), 'seed of the sample order, augmentation, Mixup, drop path and init'),
-    'EMA',
+    'EMA and SWA',
     Option('model_ema', False, flag, 'keep an exponential moving average of the weights (timm ModelEmaV3)'),
     Option('model_ema_decay', 0.9998, decay, 'EMA decay per EMA update, at batch_size and model_ema_interval '
            '(a batch_size or interval given on the command line rescales it: the same horizon in images)'),
     Option('model_ema_interval', 1, positive(integer), 'update the EMA every N optimizer steps'),
+    Option('swa_start_epoch', None, non_negative(integer), 'stochastic weight averaging (torch\'s AveragedModel): '
+           'the equal-weight average of the weights at the end of each epoch from this one on, evaluated and saved '
+           'beside raw and EMA (off when null)', optional=True),
+    Option('swa_lr', None, positive(number), 'SWA: from swa_start_epoch on, the lr anneals (cosine, as torch\'s '
+           'SWALR) from the schedule\'s value to this constant over swa_anneal_epochs (null: the run\'s schedule '
+           'goes on)', optional=True),
+    Option('swa_anneal_epochs', 1, non_negative(integer), 'SWA: epochs over which the lr anneals to swa_lr (0: at '
+           'once)'),
+    Option('swa_bn_batches', 64, positive(integer), 'SWA: training batches (of batch_size, the first of the epoch '
+           'just trained) from which the BatchNorm statistics of the average are recomputed before each evaluation '
+           '(torch\'s update_bn); at most an epoch'),
     'knowledge distillation',
     Option('kd_teacher', None, text, "teacher of a distillation: a timm model name with pretrained weights "
            "('resnet152.tv2_in1k', downloaded by timm), an export folder as 'local-dir:FOLDER', or a checkpoint of ours "
@@ -281,7 +293,7 @@ OPTIONS = _grouped(
            "BCE, soft targets) (timm's task_loss_weight; default 1; 0 for distillation alone)", optional=True),
     Option('kd_temperature', 4.0, positive(number), 'softmax temperature of the distillation loss (timm\'s default)'),
     'evaluation and checkpoints',
-    Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the better of raw and EMA weights)',
+    Option('eval_metric', 'top1', text, 'metric that ranks checkpoints (the best of raw, EMA and SWA weights)',
            choices=('top1', 'top5', 'loss')),
     Option('eval_flip', False, flag, 'per-epoch evaluation averages the logits of each image and of its horizontal '
            'flip (FFCV\'s test-time augmentation); validate.py follows it'),
@@ -691,6 +703,11 @@ def validate(config: dict):
     require(not (config['auto_augment'] == TA_WIDE and config['train_interpolation'] == 'random'),
             'auto_augment ta_wide rotates and shears at one interpolation: set train_interpolation to bilinear, '
             'bicubic or nearest, not random')
+    require((config['swa_start_epoch'] is None) or (config['swa_start_epoch'] < config['epochs']),
+            f"swa_start_epoch {config['swa_start_epoch']} is not before the end of the schedule (epochs "
+            f"{config['epochs']}, the last is {config['epochs'] - 1}): SWA would average nothing")
+    require((config['swa_lr'] is None) or (config['swa_start_epoch'] is not None),
+            'swa_lr anneals the lr from swa_start_epoch on: set swa_start_epoch, or drop swa_lr')
     kd_set = [name for name in ('kd_weight', 'kd_task_weight') if config[name] is not None]
     require((config['kd_teacher'] is not None) or not kd_set, f'{", ".join(kd_set)} weigh a distillation: set '
             'kd_teacher, or drop them')

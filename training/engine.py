@@ -1,5 +1,5 @@
-"""What a training step uses besides the model (mixed precision, BatchNorm averaging, clipping) and the evaluation
-shared by train.py and validate.py."""
+"""What a training step uses besides the model (mixed precision, BatchNorm averaging, clipping), the BatchNorm
+statistics of the SWA average, and the evaluation shared by train.py and validate.py."""
 import logging
 import time
 from contextlib import nullcontext
@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from .distributed import Processes, StopRequest, mean_over_ranks, sum_over_ranks
 
@@ -61,6 +62,31 @@ class BatchNormSteps:
         flat = mean_over_ranks(flat, self.procs)
         for b, mean in zip(self.stats, flat.split([b.numel() for b in self.stats])):
             b.copy_(mean.view_as(b))
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, batches, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
+                        channels_last: bool = False):
+    """torch's update_bn: the model's BatchNorm statistics recomputed as the mean over the images of `batches`
+    ((images, targets) pairs), in training mode as training computes them. Each process runs its own shard: the
+    statistics are then the mean over the processes, and num_batches_tracked the sum (the batches seen), so that every
+    process holds what one process running all the batches would.
+
+    An average of weights has no statistics of its own: the running statistics of the weights it averages do not
+    describe its activations.
+    """
+    def images():
+        for x, _ in batches:
+            yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with autocast(procs.device, amp_dtype):
+        update_bn(images(), model)
+    if procs.distributed:
+        stats = [b for name, b in model.named_buffers() if name.endswith(('running_mean', 'running_var'))]
+        flat = mean_over_ranks(torch.cat([b.double().flatten() for b in stats]), procs)
+        for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
+            b.copy_(mean.view_as(b))
+        counts = [b for name, b in model.named_buffers() if name.endswith('num_batches_tracked')]
+        torch._foreach_copy_(counts, sum_over_ranks(torch.stack(counts), procs).unbind())
 
 
 def clipped_parameters(model: torch.nn.Module, mode: str) -> list:

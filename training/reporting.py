@@ -3,6 +3,7 @@ import csv
 import io
 import logging
 import logging.handlers
+import math
 import netrc
 import os
 import secrets
@@ -24,6 +25,7 @@ SUMMARY_COLUMNS = (
     'epoch', 'train_loss', 'lr', 'img_size',
     'val_loss', 'val_top1', 'val_top5',
     'ema_val_loss', 'ema_val_top1', 'ema_val_top5',
+    'swa_val_loss', 'swa_val_top1', 'swa_val_top5',  # empty before swa_start_epoch
     'epoch_seconds', 'img_per_sec', 'data_wait', 'bad_images',
 )
 TIMING_COLUMNS = ('epoch_seconds', 'img_per_sec', 'data_wait')
@@ -136,8 +138,9 @@ def progress_line(epoch: int, epochs: int, step: int, steps: int, seconds_per_st
 def epoch_line(row: dict) -> str:
     line = (f"epoch {row['epoch']} done in {duration(row['epoch_seconds'])}: train loss {row['train_loss']:.4f}  "
             f"val top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f} loss {row['val_loss']:.4f}")
-    if row.get('ema_val_top1') is not None:
-        line += f"  EMA top-1 {row['ema_val_top1']:.2f} top-5 {row['ema_val_top5']:.2f}"
+    for kind in ('ema', 'swa'):
+        if row.get(f'{kind}_val_top1') is not None:
+            line += f"  {kind.upper()} top-1 {row[f'{kind}_val_top1']:.2f} top-5 {row[f'{kind}_val_top5']:.2f}"
     return line
 
 
@@ -160,10 +163,12 @@ def read_summary(path) -> list:
 
 
 def ranking_metric(row: dict, metric: str) -> tuple:
-    """(value, weights kind) of the better of the raw and EMA weights for the ranking metric."""
+    """(value, weights kind) of the best of the raw, EMA and SWA weights evaluated for the ranking metric; a tie
+    goes to the first of raw, ema, swa."""
     candidates = [(row[f'val_{metric}'], 'raw')]
-    if row.get(f'ema_val_{metric}') is not None:
-        candidates.append((row[f'ema_val_{metric}'], 'ema'))
+    for kind in ('ema', 'swa'):
+        if row.get(f'{kind}_val_{metric}') is not None:
+            candidates.append((row[f'{kind}_val_{metric}'], kind))
     return (min if metric == 'loss' else max)(candidates, key=lambda c: c[0])
 
 
@@ -174,7 +179,8 @@ def best_of(history: list, metric: str) -> tuple:
 
 
 def plot_runs(runs: dict, path: Path):
-    """One PNG (1200x800 px) of per-epoch curves: val top-1 (raw solid, EMA dashed), val loss, train loss, lr.
+    """One PNG (1200x800 px) of per-epoch curves: val top-1 (raw solid, EMA dashed, SWA dotted), val loss, train
+    loss, lr.
 
     Args:
         runs: {label: summary rows}; one run gives its curves.png, several are overlaid.
@@ -188,9 +194,12 @@ def plot_runs(runs: dict, path: Path):
         epochs = [r['epoch'] for r in rows]
         for ax, column, _ in panels:
             ax.plot(epochs, [r[column] for r in rows], color=colour, marker='.', label=label)
-            ema = [r.get(f'ema_{column}') for r in rows]
-            if column.startswith('val_') and any(v is not None for v in ema):
-                ax.plot(epochs, ema, color=colour, linestyle='--', label=f'{label} (EMA)')
+            for kind, style in (('ema', '--'), ('swa', ':')):
+                averaged = [r.get(f'{kind}_{column}') for r in rows]
+                if column.startswith('val_') and any(v is not None for v in averaged):
+                    # SWA starts late: its epochs before swa_start_epoch are gaps, and a lone epoch a marker
+                    ax.plot(epochs, [math.nan if v is None else v for v in averaged], color=colour, linestyle=style,
+                            marker='.', label=f'{label} ({kind.upper()})')
     for ax, _, title in panels:
         ax.set_title(title)
         ax.set_xlabel('epoch')

@@ -9,14 +9,14 @@ from .device_autoaugment import apply_ops as apply_auto_augment_ops
 from .files import REASONS, BadImage, open_rgb
 from .loaders import (Loaders, build_loaders, create_eval_loader, create_random_erasing, create_train_loader,
                       data_config, data_configs, resolve_input_path)
-from .sampling import (STEP, BatchLayout, EvalBatchSampler, ImageSizes, TrainBatchSampler, derive_seed, epoch_steps,
-                       image_sizes, seed_all, seed_sample)
+from .sampling import (STEP, SWA_BN, BatchLayout, EvalBatchSampler, ImageSizes, TrainBatchSampler, derive_seed,
+                       epoch_steps, image_sizes, seed_all, seed_sample)
 from .sources import (BUILTIN_ROOT, Datasets, LazyImageFolder, classes_of, image_samples, locate_dataset,
                       open_datasets, open_image_folder, read_manifest)
 
 __all__ = ['AUTO_AUGMENT_OPS', 'apply_auto_augment_ops', 'BadImageReport', 'choice_line', 'choose_share',
            'resolve_input_path', 'epoch_steps', 'REASONS', 'BadImage', 'open_rgb', 'Loaders', 'build_loaders',
            'create_eval_loader', 'create_random_erasing', 'create_train_loader', 'data_config', 'data_configs', 'STEP',
-           'BatchLayout', 'EvalBatchSampler', 'ImageSizes', 'TrainBatchSampler', 'derive_seed', 'image_sizes',
+           'SWA_BN', 'BatchLayout', 'EvalBatchSampler', 'ImageSizes', 'TrainBatchSampler', 'derive_seed', 'image_sizes',
            'seed_all', 'seed_sample', 'BUILTIN_ROOT', 'Datasets', 'LazyImageFolder', 'classes_of', 'image_samples',
            'locate_dataset', 'open_datasets', 'open_image_folder', 'read_manifest']

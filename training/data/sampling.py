@@ -17,8 +17,9 @@ import torch.utils.data
 
 from ..config import UserError
 
-# independent random streams derived from the run's seed
-ORDER, SAMPLE, STEP = 1, 2, 3
+# independent random streams derived from the run's seed (SWA_BN: the training-mode forwards that recompute the
+# BatchNorm statistics of the SWA average, which draw drop path)
+ORDER, SAMPLE, STEP, SWA_BN = 1, 2, 3, 4
 
 
 def derive_seed(*parts: int) -> int:

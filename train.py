@@ -520,29 +520,36 @@ def train_one_epoch(t: Trainer, loader, progress: Progress, config: dict, procs:
         if save_due or stop_now:
             progress.loss_sum = mean_over_ranks(loss_sum, procs).item()
             now = time.perf_counter()
-            progress.seconds, clock = progress.seconds + now - clock, now
+            progress.spend(now - clock, procs.world_size)
+            clock = now
             checkpoints.mid_epoch(progress)
         if stop_now:
             raise Interrupted()
         fetched = time.perf_counter()
     progress.loss_sum = mean_over_ranks(loss_sum, procs).item()
     now = time.perf_counter()
-    progress.seconds += now - clock
+    progress.spend(now - clock, procs.world_size)
     seconds = max(now - epoch_start, 1e-9)
     return dict(img_per_sec=(progress.step - first_step) * layout.global_batch / seconds,
                 data_wait=epoch_wait / seconds)
 
 
 def summary_row(epoch: int, progress: Progress, steps_per_epoch: int, lr: float, img_size: int, speed: dict,
-                results: dict, bad_images: int) -> dict:
+                results: dict, bad_images: int, price_per_hour: Optional[float]) -> dict:
     """Args:
         results: evaluate()'s result of each weights kind evaluated: raw, and ema and swa where evaluated.
+        price_per_hour: of one device; the epoch's cost and the run's so far (at this price) when given.
     """
     raw = results['raw']
     row = dict(epoch=epoch, train_loss=progress.loss_sum / steps_per_epoch, lr=lr, img_size=img_size,
                val_loss=raw['loss'], val_top1=raw['top1'], val_top5=raw['top5'],
                epoch_seconds=progress.seconds, img_per_sec=speed['img_per_sec'], data_wait=speed['data_wait'],
                bad_images=bad_images)
+    before = progress.history[-1].get('total_gpu_hours') if progress.history else None  # older runs had none
+    hours = progress.device_seconds / 3600
+    row.update(gpu_hours=hours, total_gpu_hours=(before or 0.0) + hours)
+    if price_per_hour is not None:
+        row.update(cost=row['gpu_hours'] * price_per_hour, total_cost=row['total_gpu_hours'] * price_per_hour)
     for kind in ('ema', 'swa'):
         if kind in results:
             row.update({f'{kind}_val_{k}': results[kind][k] for k in ('loss', 'top1', 'top5')})
@@ -611,19 +618,20 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         if t.model_ema is not None:
             models['ema'] = t.model_ema.module
         if swa_due(t, epoch):
-            progress.seconds += swa_batchnorm(t, loaders, epoch, config, procs, layout)
+            progress.spend(swa_batchnorm(t, loaders, epoch, config, procs, layout), procs.world_size)
             models['swa'] = t.model_swa.module
         try:  # raw, EMA and SWA weights in one pass over the validation images
             results = dict(zip(models, evaluate(list(models.values()), loaders.val, procs, **numerics)))
         except Interrupted:  # saved with its evaluation pending
             checkpoints.mid_epoch(progress)
             raise
-        progress.seconds += results['raw']['seconds']
+        progress.spend(results['raw']['seconds'], procs.world_size)
         row = summary_row(epoch, progress, steps_per_epoch, t.optimizer.param_groups[0]['lr'], img_size, speed,
-                          results, bad_images_met(train_bad_images, loaders, procs))
+                          results, bad_images_met(train_bad_images, loaders, procs), config['price_per_hour'])
         metric, metric_weights = reporting.ranking_metric(row, config['eval_metric'])
         progress.history.append(row)
-        progress.epoch, progress.step, progress.loss_sum, progress.seconds = epoch + 1, 0, 0.0, 0.0
+        progress.epoch, progress.step, progress.loss_sum = epoch + 1, 0, 0.0
+        progress.seconds = progress.device_seconds = 0.0
         # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
         reporter.epoch(row, progress.history, progress.global_step)
         checkpoints.epoch_end(progress, metric, metric_weights)
@@ -639,11 +647,17 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         return EXIT_NOT_SAVED
     if progress.history:
         value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
-        _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}")
+        _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
+                     f'{reporting.cost_words(progress.history[-1], hours_unit(procs))}')
     return 0
 
 
 # wiring
+
+def hours_unit(procs: Processes) -> str:
+    """What the run's hours are hours of: GPU-hours on CUDA, CPU-hours (of whole machines, one per process) else."""
+    return 'GPU' if procs.device.type == 'cuda' else 'CPU'
+
 
 def measure_decode_share(t: Trainer, loaders: Loaders, progress: Progress, config: dict, procs: Processes) -> tuple:
     """The fastest cpu_decode_share on this machine and {share: img/s} (decode_choice.choose_share).
@@ -779,7 +793,8 @@ def train(config: dict, procs: Processes) -> int:
                      versions=checkpoint.versions(), data=datasets.fingerprint,
                      decode_choice=dict(why=why, img_per_sec={f'{s:g}': v for s, v in (speeds or {}).items()}))
         wandb_logger = reporting.WandbLogger(config, run_dir, state and state.get('wandb_run_id'), extra)
-    reporter = reporting.Reporter(run_dir, procs.is_primary, display, config['epochs'], wandb_logger)
+    reporter = reporting.Reporter(run_dir, procs.is_primary, display, config['epochs'], wandb_logger,
+                                  unit=hours_unit(procs))
     if procs.is_primary:
         save_config(config, run_dir / 'config.yaml')
         reporter.files(progress.history)
@@ -864,9 +879,9 @@ def dry_run_lines(config: dict, world_size: int) -> list:
     if config['kd_teacher']:
         size = train_cfg['input_size'][-1]
         teacher, student, step_cost = distill.step_cost(config, model, size)
-        lines.append(f"teacher:        {config['kd_teacher']}: {teacher / 1e9:.1f} GFLOPs per image forward at {size} px, "
-                     f'{teacher / student:.1f}x the student\'s; a step costs ~{step_cost:.2f}x a plain one (its '
-                     'forward, backward = 2 forwards, and the teacher\'s forward)')
+        lines.append(f"teacher:        {config['kd_teacher']}: {teacher / 1e9:.1f} GFLOPs per image forward at "
+                     f'{size} px, {teacher / student:.1f}x the student\'s; a step costs ~{step_cost:.2f}x a plain one '
+                     '(its forward, backward = 2 forwards, and the teacher\'s forward)')
     if images is None:
         return lines + [f'train images:   unknown: {source}', 'steps, time and cost need the number of images']
     steps = epoch_steps(images, layout)  # the last partial batch of an epoch is left out; none: the run's error

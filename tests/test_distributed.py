@@ -76,6 +76,7 @@ def test_two_processes_equal_one_process_step_by_step(runs):
         assert a['val_top1'] == b['val_top1'] and a['ema_val_top1'] == b['ema_val_top1']
         assert a['swa_val_top1'] == b['swa_val_top1']  # BatchNorm recomputed on shards, averaged: the same
         assert a['train_loss'] == pytest.approx(b['train_loss'], abs=LOSS_TOLERANCE)
+        assert a['gpu_hours'] * 3600 == pytest.approx(2 * a['epoch_seconds'])  # paid for on both processes
     final_two, final_one = load(two / 'last.pth.tar'), load(one / 'last.pth.tar')
     for key in ('state_dict', 'state_dict_ema', 'state_dict_swa'):
         for name, tensor in final_two[key].items():
@@ -134,6 +135,8 @@ def test_sigterm_to_one_rank_saves_once_and_resumes_on_one_process(shapes, tmp_p
     assert 'exitcode  : 75' in log and log.count('exitcode  : 75') + log.count('exitcode  : -15') == 2, log
     saved = sorted(p.name for p in (tmp_path / 'run').glob('recovery-*'))
     assert len(saved) == 1 and re.fullmatch(r'recovery-1-[2-5]\.pth\.tar', saved[0])
+    before = load(tmp_path / 'run' / saved[0])['progress']
+    assert before['device_seconds'] == pytest.approx(2 * before['seconds'])
     resumed = one_process(shapes, tmp_path)
     assert resumed.returncode == 0, resumed.stdout
     assert f'Resuming {tmp_path}/run/{saved[0]}' in resumed.stdout
@@ -143,6 +146,9 @@ def test_sigterm_to_one_rank_saves_once_and_resumes_on_one_process(shapes, tmp_p
         for name, tensor in expected[key].items():
             assert torch.allclose(tensor.double(), final[key][name].double(), atol=1e-5), name
     assert [r['val_top1'] for r in summary(tmp_path / 'run')] == [r['val_top1'] for r in summary(two)]
+    epoch = summary(tmp_path / 'run')[1]  # its time before the kill on two processes, after it on one
+    assert epoch['gpu_hours'] * 3600 == pytest.approx(before['device_seconds'] + epoch['epoch_seconds'] -
+                                                      before['seconds'])
 
 
 def test_a_rank_that_dies_takes_the_job_down(shapes, tmp_path):

@@ -184,7 +184,8 @@ def test_a_wandb_failure_warns_once_and_training_goes_on(shapes, tmp_path, offli
 def two_runs(shapes, tmp_path_factory):
     output = tmp_path_factory.mktemp('compare')
     for name, lr in (('lr_low', '1.0e-3'), ('lr_high', '3.0e-3')):
-        assert run_train(shapes, output, '--lr', lr, experiment=name) == 0
+        price = ['--price-per-hour', '2.5'] if name == 'lr_high' else []  # and none: GPU-hours alone
+        assert run_train(shapes, output, '--lr', lr, *price, experiment=name) == 0
     return output / 'lr_low', output / 'lr_high'
 
 
@@ -234,8 +235,10 @@ def test_compare_prints_the_numbers_of_summary_csv_and_the_differing_settings(tw
         cells = [c.strip() for c in line.strip('|').split('|')]
         assert cells[1:6] == ['2', f'{best_top1:.2f}', str(int(best['epoch'])), cells[4], f'{final:.2f}']
         assert cells[7] == f'{speed:.0f}'
+        assert cells[8] == f"{rows[-1]['total_gpu_hours']:,.3g}"
+        assert cells[9] == ('-' if run_dir.name == 'lr_low' else f"{rows[-1]['total_cost']:,.2f}")
     assert '| still_going | 0 | - |' in printed
-    assert '| lr | 0.001 | 0.003 | 0.001 |' in printed
+    assert '| lr | 0.001 | 0.003 | 0.001 |' in printed and '| price_per_hour | None | 2.5 | None |' in printed
     with Image.open(out) as image:
         assert image.size == (1200, 800)
 

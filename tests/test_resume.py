@@ -79,16 +79,29 @@ def test_sigkill_at_three_moments_then_rerun_is_bit_exact(shapes, tmp_path, refe
     assert_same_run(tmp_path / 'run', reference)
 
 
-def test_sigterm_saves_a_recovery_checkpoint_and_exits_75(shapes, tmp_path, reference):
-    rc, log = run_until(shapes, tmp_path, r'epoch 1 step 3/5', signal.SIGTERM)
+def test_sigterm_saves_a_recovery_checkpoint_and_exits_75_and_the_cost_adds_up_across_the_resume(shapes, tmp_path,
+                                                                                                 reference):
+    price = ['--price-per-hour', '3']
+    rc, log = run_until(shapes, tmp_path, r'epoch 1 step 3/5', signal.SIGTERM, *price)
     assert rc == train.EXIT_INTERRUPTED, log
     assert 'SIGTERM received' in log and 'run the same command again to continue' in log
     saved = re.findall(r'Saving recovery checkpoint (recovery-1-\d)', log)[-1]
     state = load(tmp_path / 'run' / f'{saved}.pth.tar')
     assert state['progress']['epoch'] == 1 and state['progress']['step'] >= 3
-    rc, log = run_until(shapes, tmp_path, None, None)
+    spent_before = state['progress']['device_seconds']
+    assert spent_before == pytest.approx(state['progress']['seconds']) and spent_before > 0  # one process
+    rc, log = run_until(shapes, tmp_path, None, None, *price)
     assert rc == 0 and f'Resuming {tmp_path}/run/{saved}.pth.tar' in log
     assert_same_run(tmp_path / 'run', reference)
+    rows = summary(tmp_path / 'run')
+    total = 0.0
+    for row in rows:  # device-hours: each epoch's seconds, on one process, the one before the kill included
+        total += row['gpu_hours']
+        assert row['gpu_hours'] == pytest.approx(row['epoch_seconds'] / 3600)
+        assert (row['total_gpu_hours'], row['cost'], row['total_cost']) == pytest.approx((total, 3 * row['gpu_hours'],
+                                                                                           3 * total))
+    assert rows[1]['gpu_hours'] * 3600 > spent_before
+    assert f"; {total:.3f} CPU-hours, ${3 * total:,.2f}" in log.split('Finished: ')[1].splitlines()[0]
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_with_a_warning(shapes, tmp_path, reference):

@@ -196,7 +196,8 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool, teacher: Optional[str] = None) -> float:
+def step_ceiling(config: dict, device: torch.device, steps: int, compiled: bool,
+                 teacher: Optional[str] = None) -> float:
     """img/s of the bare training step on device tensors: forward, backward, optimizer step and EMA update of the
     recipe's model with 1000 classes, in its precision and memory layout. train.py's optimizer and ModelEmaV3; with
     a teacher (a timm name, random weights: the same speed), its forward on the batch first, without gradients."""

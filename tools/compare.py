@@ -32,20 +32,23 @@ def run_stats(rows: list) -> dict:
     speeds = [r['img_per_sec'] for r in rows if r['img_per_sec']]
     return dict(epochs=len(rows), best=best, best_weights=weights, best_epoch=epoch,
                 final=ranking_metric(rows[-1], 'top1')[0], seconds=sum(r['epoch_seconds'] for r in rows),
-                img_per_sec=sum(speeds) / len(speeds) if speeds else None)
+                img_per_sec=sum(speeds) / len(speeds) if speeds else None,
+                gpu_hours=rows[-1].get('total_gpu_hours'), cost=rows[-1].get('total_cost'))
 
 
 def results_table(runs: list) -> str:
-    lines = ['| run | epochs | best top-1 | best epoch | weights | final top-1 | time | img/s |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| run | epochs | best top-1 | best epoch | weights | final top-1 | time | img/s | GPU-hours | cost |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for run in runs:
         s = run_stats(run['rows'])
         if not s['epochs']:
-            lines.append(f"| {run['name']} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {run['name']} | 0 | - | - | - | - | - | - | - | - |")
             continue
         speed = f"{s['img_per_sec']:.0f}" if s['img_per_sec'] else '-'
+        hours = '-' if s['gpu_hours'] is None else f"{s['gpu_hours']:,.3g}"  # runs of older versions have none
+        cost = '-' if s['cost'] is None else f"{s['cost']:,.2f}"
         lines.append(f"| {run['name']} | {s['epochs']} | {s['best']:.2f} | {s['best_epoch']} | {s['best_weights']} "
-                     f"| {s['final']:.2f} | {duration(s['seconds'])} | {speed} |")
+                     f"| {s['final']:.2f} | {duration(s['seconds'])} | {speed} | {hours} | {cost} |")
     return '\n'.join(lines)
 
 

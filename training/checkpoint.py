@@ -47,7 +47,13 @@ class Progress:
     global_step: int = 0
     loss_sum: float = 0.0  # sum of this epoch's step losses (mean over processes)
     seconds: float = 0.0  # time spent on this epoch so far, over all the processes that worked on it
+    device_seconds: float = 0.0  # the same times the processes (devices) that spent it: what the epoch was paid for
     history: list = field(default_factory=list)  # summary rows of the finished epochs
+
+    def spend(self, seconds: float, processes: int):
+        """Count `seconds` of this epoch, spent by `processes` processes (a resume may run on another number)."""
+        self.seconds += seconds
+        self.device_seconds += seconds * processes
 
     @classmethod
     def from_state(cls, saved: dict) -> 'Progress':

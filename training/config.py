@@ -285,8 +285,8 @@ OPTIONS = _grouped(
            '(torch\'s update_bn); at most an epoch'),
     'knowledge distillation',
     Option('kd_teacher', None, text, "teacher of a distillation: a timm model name with pretrained weights "
-           "('resnet152.tv2_in1k', downloaded by timm), an export folder as 'local-dir:FOLDER', or a checkpoint of ours "
-           '(its metric\'s weights); it sees each batch as the student does, after Mixup/CutMix', optional=True),
+           "('resnet152.tv2_in1k', downloaded by timm), an export folder as 'local-dir:FOLDER', or a checkpoint of "
+           'ours (its metric\'s weights); it sees each batch as the student does, after Mixup/CutMix', optional=True),
     Option('kd_weight', None, non_negative(number), "weight of the distillation loss, T^2 KL(teacher || student) "
            "(timm's distill_loss_weight; default: 1 - kd_task_weight when that is set, else 1)", optional=True),
     Option('kd_task_weight', None, non_negative(number), "weight of the task loss (the run's own: cross-entropy, "

@@ -27,8 +27,9 @@ SUMMARY_COLUMNS = (
     'ema_val_loss', 'ema_val_top1', 'ema_val_top5',
     'swa_val_loss', 'swa_val_top1', 'swa_val_top5',  # empty before swa_start_epoch
     'epoch_seconds', 'img_per_sec', 'data_wait', 'bad_images',
+    'gpu_hours', 'total_gpu_hours', 'cost', 'total_cost',  # the epoch's and the run's so far; cost: with price_per_hour
 )
-TIMING_COLUMNS = ('epoch_seconds', 'img_per_sec', 'data_wait')
+TIMING_COLUMNS = ('epoch_seconds', 'img_per_sec', 'data_wait', 'gpu_hours', 'total_gpu_hours', 'cost', 'total_cost')
 WANDB_START_WAIT = 300  # seconds the end of a run waits for a W&B start still under way
 CURVES_INTERVAL = 60  # seconds between drawings of curves.png during a run: each costs training ~0.3 s of CPU
 
@@ -135,12 +136,21 @@ def progress_line(epoch: int, epochs: int, step: int, steps: int, seconds_per_st
             f'{step}/{steps}  eta epoch {duration(left_epoch)} run {duration(left_run)}')
 
 
-def epoch_line(row: dict) -> str:
+def cost_words(row: dict, unit: str = 'GPU') -> str:
+    """'13.4 GPU-hours, $40.20': the run's total so far at a summary row (hours alone without a price)."""
+    hours = row.get('total_gpu_hours') or 0.0
+    words = f'{hours:,.1f} {unit}-hours' if hours >= 0.1 else f'{hours:.3f} {unit}-hours'
+    return words + (f", ${row['total_cost']:,.2f}" if row.get('total_cost') is not None else '')
+
+
+def epoch_line(row: dict, unit: str = 'GPU') -> str:
     line = (f"epoch {row['epoch']} done in {duration(row['epoch_seconds'])}: train loss {row['train_loss']:.4f}  "
             f"val top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f} loss {row['val_loss']:.4f}")
     for kind in ('ema', 'swa'):
         if row.get(f'{kind}_val_top1') is not None:
             line += f"  {kind.upper()} top-1 {row[f'{kind}_val_top1']:.2f} top-5 {row[f'{kind}_val_top5']:.2f}"
+    if row.get('total_gpu_hours') is not None:
+        line += f'  ({cost_words(row, unit)} so far)'
     return line
 
 
@@ -376,8 +386,9 @@ class Reporter:
     curves.png and W&B."""
 
     def __init__(self, run_dir: Path, is_primary: bool, progress: TerminalProgress, epochs: int,
-                 wandb_logger: Optional[WandbLogger] = None):
+                 wandb_logger: Optional[WandbLogger] = None, unit: str = 'GPU'):
         self.run_dir = run_dir
+        self.unit = unit  # what the run's hours are hours of
         self.is_primary = is_primary
         self.progress = progress
         self.epochs = epochs
@@ -408,7 +419,7 @@ class Reporter:
 
     def epoch(self, row: dict, history: list, global_step: int):
         self.last_tick = None  # evaluation time is not step time
-        _logger.info(epoch_line(row))
+        _logger.info(epoch_line(row, self.unit))
         if self.wandb is not None:
             self.wandb.log_epoch(row, global_step)
         self.files(history)

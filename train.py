@@ -11,12 +11,14 @@ Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 74 the newest
 permissions: free space and run the same command again), 75 interrupted by a signal after saving (run the same
 command again to continue), 128+N a second signal N (exit without saving).
 """
+import argparse
 import dataclasses
 import errno
 import itertools
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -597,12 +599,44 @@ def swa_batchnorm(t: Trainer, loaders: Loaders, epoch: int, config: dict, procs:
     return time.perf_counter() - start
 
 
+def export_model(run_dir: Path) -> Path:
+    """tools/export.py's folder of the run's best checkpoint, at run_dir/model: written beside it first, then swapped
+    in, so that an interruption never leaves a half-written model/."""
+    from tools import export
+    final, new, old = run_dir / 'model', run_dir / 'model.tmp', run_dir / 'model.old'
+    for leftover in (new, old):  # of an export cut short
+        shutil.rmtree(leftover, ignore_errors=True)
+    export.export(argparse.Namespace(checkpoint=str(run_dir / 'model_best.pth.tar'), out=str(new), weights=None,
+                                     onnx=False))
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def log_model(config: dict, checkpoints: Checkpoints, reporter: reporting.Reporter, history: list, procs: Processes,
+              aliases: list):
+    """wandb_log_model: export the best checkpoint and log it as the run's model artifact (rank 0; every process
+    waits for the checkpoint save in flight, which is agreed on by all)."""
+    checkpoints.wait()
+    if (not procs.is_primary) or (reporter.wandb is None) or checkpoints.unsaved:
+        return
+    value, weights, epoch = reporting.best_of(history, config['eval_metric'])
+    folder = export_model(reporter.run_dir)
+    reporter.wandb.log_model(folder, [*aliases, f'epoch-{epoch}'],
+                             dict(epoch=epoch, weights=weights, **{config['eval_metric']: value}))
+    _logger.info(f'Model of epoch {epoch} ({weights} weights) exported to {folder} and logged to W&B as '
+                 f"model-{reporter.wandb.run_id}:{' '.join(aliases)}")
+
+
 def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders: Loaders, progress: Progress,
         checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest) -> int:
     """Epoch after epoch: train, evaluate raw, EMA and SWA weights, report, save; returns the exit code."""
     steps_per_epoch = loaders.steps_per_epoch
     numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], eval_flip=config['eval_flip'],
                     stop=stop)
+    first_epoch = progress.epoch
     while progress.epoch < config['epochs']:
         epoch = progress.epoch
         speed = dict(img_per_sec=None, data_wait=None)  # none when resumed with only evaluation left
@@ -635,8 +669,10 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
         reporter.epoch(row, progress.history, progress.global_step)
         checkpoints.epoch_end(progress, metric, metric_weights)
-        reporter.best(config['eval_metric'], *reporting.best_of(progress.history, config['eval_metric']),
-                      progress.global_step)
+        best = reporting.best_of(progress.history, config['eval_metric'])
+        reporter.best(config['eval_metric'], *best, progress.global_step)
+        if (config['wandb_log_model'] == 'best') and (best[2] == epoch):
+            log_model(config, checkpoints, reporter, progress.history, procs, ['best', 'latest'])
         if stop.agreed()[0]:
             raise Interrupted()
     checkpoints.wait()
@@ -645,6 +681,8 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
                       f'newest saved state is {checkpoints.saved or "none"}. Free space and run the same command '
                       'again to train from there and save it')
         return EXIT_NOT_SAVED
+    if (config['wandb_log_model'] == 'end') and (first_epoch < config['epochs']):  # not again on a finished run
+        log_model(config, checkpoints, reporter, progress.history, procs, ['best', 'latest'])
     if progress.history:
         value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
         _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "

@@ -1,4 +1,7 @@
 """Comparing runs: W&B (checked offline, from the run files it writes), curves.png, tools/compare.py, progress."""
+import base64
+import hashlib
+import json
 import os
 import pty
 import re
@@ -6,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +19,7 @@ from tools import compare
 from training import reporting
 
 from conftest import REPO, TINY, load, run_train, summary
-from wandb_records import read_run
+from wandb_records import artifacts, read_run
 
 SUMMARY_KEYS = ('train_loss', 'lr', 'val_loss', 'val_top1', 'val_top5', 'ema_val_loss', 'ema_val_top1',
                 'ema_val_top5', 'epoch_seconds', 'img_per_sec', 'data_wait')
@@ -87,6 +91,41 @@ def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_
     best = {k: v for k, v in resumed['summary'].items() if k.startswith('best/')}
     assert best == {'best/loss': loss, 'best/weights': weights, 'best/epoch': epoch}
     assert load(tmp_path / 'run' / 'last.pth.tar')['wandb_run_id'] == first['id']
+
+
+def test_the_model_is_logged_as_an_artifact_at_each_new_best_with_the_exports_files(shapes, tmp_path, offline,
+                                                                                      monkeypatch):
+    monkeypatch.setenv('WANDB_DATA_DIR', str(tmp_path / 'wandb-data'))  # W&B's staging area, kept for wandb sync
+    assert run_train(shapes, tmp_path, '--epochs', '3', '--log-wandb', '--wandb-log-model', 'best') == 0
+    run_dir = tmp_path / 'run'
+    (run,), path = wandb_runs(run_dir), next(run_dir.glob('wandb/offline-run-*/run-*.wandb'))
+    logged = artifacts(path)
+    rows = summary(run_dir)
+    new_bests = [int(r['epoch']) for n, r in enumerate(rows)
+                 if reporting.best_of(rows[:n + 1], 'top1')[2] == int(r['epoch'])]
+    assert [a['metadata']['epoch'] for a in logged] == new_bests  # one version per new best, in order
+    for artifact, epoch in zip(logged, new_bests):
+        assert (artifact['name'], artifact['type']) == (f"model-{run['id']}", 'model')
+        assert sorted(artifact['aliases']) == sorted(['best', 'latest', f'epoch-{epoch}'])
+        value, weights, _ = reporting.best_of(rows[:epoch + 1], 'top1')
+        assert artifact['metadata'] == dict(epoch=epoch, weights=weights, top1=value)
+        assert {'model.safetensors', 'config.json', 'README.md'} <= set(artifact['files'])
+        assert all(Path(local).is_file() for _, local in artifact['files'].values())  # staged for wandb sync
+    final = logged[-1]['files']  # the newest version holds the files of the run folder's model/, as exported
+    for name in ('model.safetensors', 'config.json'):
+        digest = base64.b64encode(hashlib.md5((run_dir / 'model' / name).read_bytes()).digest()).decode()
+        assert final[name][0] == digest
+    assert json.loads((run_dir / 'model' / 'config.json').read_text())['export']['epoch'] == new_bests[-1]
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--log-wandb', '--wandb-log-model', 'bset'], r'wandb_log_model: expected false, best or end'),
+    (['--wandb-log-model', 'end'], r'wandb_log_model end logs the model to W&B: set log_wandb true'),
+])
+def test_a_misspelled_or_orphan_wandb_log_model_is_refused_in_one_line(shapes, tmp_path, capsys, flags, message):
+    assert run_train(shapes, tmp_path, *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
 def test_without_an_api_key_it_logs_offline_and_says_how_to_upload(shapes, tmp_path, monkeypatch):

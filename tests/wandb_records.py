@@ -58,3 +58,23 @@ def read_run(path: Path) -> dict:
     config = _items(run.config.update)
     return dict(id=run.run_id, name=run.display_name, group=run.run_group, tags=list(run.tags), config=config,
                 history=history, summary=summary)
+
+
+def artifacts(path: Path) -> list:
+    """The artifacts a run logged: name, type, aliases, metadata and {path: (digest, staged local copy)} of its files.
+
+    Offline, W&B writes the manifest into the run file and keeps each file's copy in its staging area for `wandb sync`.
+    """
+    logged = []
+    for record in records(path):
+        if record.WhichOneof('record_type') == 'artifact':
+            a = record.artifact
+            manifest = a.manifest
+            if manifest.manifest_file_path:  # large manifests are written to a file beside the record
+                files = json.loads(Path(manifest.manifest_file_path).read_text())['contents']
+                contents = {k: (v['digest'], v.get('local_path')) for k, v in files.items()}
+            else:
+                contents = {e.path: (e.digest, e.local_path) for e in manifest.contents}
+            logged.append(dict(name=a.name, type=a.type, aliases=list(a.aliases), metadata=json.loads(a.metadata),
+                               files=contents))
+    return logged

@@ -497,10 +497,11 @@ def load_initial_weights(model: torch.nn.Module, path: str, which: str):
 
 LOCK_FILE = '.train.lock'
 # every name a run writes into its folder: train.py's files and their temporary names (config.save_config,
-# reporting: name + '.tmp', curves.png + '.tmp.png'), W&B's folder, the checkpoints (set aside as name + '.corrupt')
+# reporting: name + '.tmp', curves.png + '.tmp.png'), W&B's folder, the export of wandb_log_model (model/ and the
+# names it is swapped through), the checkpoints (set aside as name + '.corrupt')
 # and the temporary names of their writes (timm's `tmp` and `recovery_tmp`, our `previous.tmp`)
 RUN_FILE_NAME = re.compile('|'.join([
-    r'(config\.yaml|summary\.csv)(\.tmp)?', r'curves\.png(\.tmp\.png)?', r'log\.txt', r'wandb',
+    r'(config\.yaml|summary\.csv)(\.tmp)?', r'curves\.png(\.tmp\.png)?', r'log\.txt', r'wandb', r'model(\.tmp|\.old)?',
     CHECKPOINT_NAME.pattern + r'(\.corrupt)?', r'(tmp|recovery_tmp|previous\.tmp)' + re.escape(EXTENSION)]))
 CONFIG_HEADER = '# resolved configuration'
 

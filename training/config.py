@@ -104,6 +104,15 @@ fraction = _limited(number, lambda v: 0.0 <= v <= 1.0, 'a number between 0 and 1
 decay = _limited(number, lambda v: 0.0 <= v < 1.0, 'a number in [0, 1)')
 
 
+def log_model(value) -> str:
+    """wandb_log_model: YAML's false (a bool) or the word."""
+    if (value is False) or (isinstance(value, str) and value.lower() in ('false', 'no', 'off')):
+        return 'false'
+    if isinstance(value, str) and value.lower() in ('best', 'end'):
+        return value.lower()
+    raise ValueError('expected false, best or end')
+
+
 def eval_interpolation(value) -> str:
     # timm's 'random' picks a mode per training image; an evaluation transform needs one mode
     value = text(value)
@@ -330,6 +339,10 @@ OPTIONS = _grouped(
     'logging',
     Option('log_interval', 50, positive(integer), 'optimizer steps between log lines', role=RUN),
     Option('log_wandb', False, flag, 'log to Weights & Biases', role=RUN),
+    Option('wandb_log_model', 'false', log_model, "the model as a W&B artifact (model-<run id>, type model): the "
+           "export of the best checkpoint (tools/export.py's folder, also written to the run folder's model/), "
+           "'best': at each new best epoch, 'end': once, at the end of the run", choices=('false', 'best', 'end'),
+           role=RUN),
     Option('wandb_project', 'rn50-imagenet', text, 'W&B project', role=RUN),
     Option('wandb_entity', None, text, 'W&B entity (default: your default entity)', optional=True, role=RUN),
     Option('wandb_group', None, text, 'W&B group (default: the recipe name)', optional=True, role=RUN),
@@ -715,6 +728,8 @@ def validate(config: dict):
     require((config['kd_teacher'] is None) or (distill_weight > 0),
             f'the distillation loss has weight {distill_weight:g} (kd_weight, else 1 - kd_task_weight): a teacher '
             'needs a positive one; drop kd_teacher to train without it')
+    require((config['wandb_log_model'] == 'false') or config['log_wandb'],
+            f"wandb_log_model {config['wandb_log_model']} logs the model to W&B: set log_wandb true as well")
     require((config['cpu_decode_share'] is None) or (config['decode'] != 'cpu'),
             'cpu_decode_share splits the decoding of the device path (with decode: cpu the workers decode every image)')
 

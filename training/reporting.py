@@ -364,6 +364,15 @@ class WandbLogger:
         best = {f'best/{metric}': value, 'best/epoch': epoch}
         self._send(lambda run: (run.log(best, step=global_step), run.summary.update({'best/weights': weights})))
 
+    def log_model(self, folder: Path, aliases: list, metadata: dict):
+        """An export folder as the run's model artifact, model-<run id> of type model (W&B versions it, and moves
+        each alias to the newest version that has it). The files are copied to W&B's staging area now, so a later
+        export into the same folder cannot change what this one logs, even while W&B is still starting."""
+        import wandb
+        artifact = wandb.Artifact(f'model-{self.run_id}', type='model', metadata=metadata)
+        artifact.add_dir(str(folder))
+        self._send(lambda run: run.log_artifact(artifact, aliases=aliases))
+
     def finish(self):
         """Close the W&B run, first waiting for a start still under way so that what was logged reaches it."""
         if self._starting.is_alive():

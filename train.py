@@ -862,12 +862,21 @@ def train(config: dict, procs: Processes) -> int:
 
 # dry run: what a command would train, for how long and at what cost, without training
 
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's train split (ILSVRC 2012), what tools/prepare_imagenet.py finds
+
+
+def hours_text(hours: float) -> str:
+    return f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'
+
 def count_train_images(config: dict) -> tuple:
     """(training images or None, where the number comes from or why it is missing), opening no more than needed."""
     if (config['dataset'] == 'builtin') and not config['data_dir'] and not BUILTIN_ROOT.exists():
         return None, f'the built-in shapes are generated at {BUILTIN_ROOT} by the first run'
     root, dataset = locate_dataset(config['data_dir'], config['dataset'])
     if not dataset and not root.is_dir():
+        if (config['data_dir'] is None) and (config['num_classes'] in (None, 1000)):  # a recipe of ImageNet-1k
+            return IMAGENET_TRAIN_IMAGES, (f"ImageNet-1k's train split; not at {root} yet: set --data-dir or "
+                                           'IMAGENET_DIR once it is')
         return None, f'no dataset at {root} (set --data-dir or IMAGENET_DIR)'
     try:
         manifest = read_manifest(root)
@@ -901,9 +910,13 @@ def dry_run_lines(config: dict, world_size: int) -> list:
               else "the run's lr schedule")
         swa = (f"average of the epoch ends from epoch {config['swa_start_epoch']} on, {lr}; BatchNorm from "
                f"{config['swa_bn_batches']} batches")
+    # a recipe for device auto is planned for GPUs (it may be planned on a laptop); device: cpu (the quickstart) runs
+    # on CPU processes
+    on_cpu = config['device'] == 'cpu'
+    devices, device, unit = ('CPU process(es)', 'process', 'CPU') if on_cpu else ('GPU(s)', 'GPU', 'GPU')
     lines = [
-        f"Dry run of {config['experiment']} on {world_size} GPU(s) (WORLD_SIZE=N for N): nothing is written",
-        f'global batch:   {layout.global_batch} = {world_size} GPU(s) x {layout.accum_steps} accumulated x '
+        f"Dry run of {config['experiment']} on {world_size} {devices} (WORLD_SIZE=N for N): nothing is written",
+        f'global batch:   {layout.global_batch} = {world_size} {devices} x {layout.accum_steps} accumulated x '
         f'{layout.micro_batch} per device',
         f"lr:             {config['lr']:g} ({config['sched']} schedule, {config['epochs']} epochs, warmup "
         f"{config['warmup_epochs']:g})",
@@ -929,18 +942,18 @@ def dry_run_lines(config: dict, world_size: int) -> list:
               f"steps:          {steps:,} per epoch, {config['epochs'] * steps:,} in all ({per_epoch:,} images per "
               f'epoch, {trained:,} in all)']
     if config['throughput'] is None:
-        return lines + ['expected time:  throughput not given: pass --throughput (img/s per GPU) from '
+        return lines + [f'expected time:  throughput not given: pass --throughput (img/s per {device}) from '
                         'tools/benchmark.py']
     throughput = config['throughput'] / step_cost
     seconds = trained / (throughput * world_size)
     gpu_hours = seconds * world_size / 3600
     upper_bound = '; the epochs at smaller sizes run faster: an upper bound' if sizes.start is not None else ''
     teacher = f' / {step_cost:.2f} for the teacher' if config['kd_teacher'] else ''
-    lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} GPU(s) at {throughput:,g} "
-                 f'img/s per GPU (given by --throughput{teacher}{upper_bound})')
+    lines.append(f"expected time:  {reporting.duration(seconds)} on {world_size} {devices} at {throughput:,g} "
+                 f'img/s per {device} (given by --throughput{teacher}{upper_bound})')
     if config['price_per_hour'] is None:
-        return lines + [f'cost:           {gpu_hours:,.1f} GPU-hours (pass --price-per-hour for the price)']
-    return lines + [f"cost:           {gpu_hours:,.1f} GPU-hours x {config['price_per_hour']:g} = "
+        return lines + [f'cost:           {hours_text(gpu_hours)} {unit}-hours (pass --price-per-hour for the price)']
+    return lines + [f"cost:           {hours_text(gpu_hours)} {unit}-hours x {config['price_per_hour']:g} = "
                     f"{gpu_hours * config['price_per_hour']:,.2f}"]
 
 

@@ -10,6 +10,7 @@ Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --resu
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def parse_args(argv=None):
     parser.add_argument('--img-size', type=int, help='image size (default: the checkpoint\'s validation size)')
     parser.add_argument('--crop-pct', type=float, help='center crop fraction (default: the checkpoint\'s)')
     parser.add_argument('-b', '--batch-size', type=positive, default=128)
-    parser.add_argument('-j', '--workers', type=int, default=4)
+    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                        help='data loading processes (default: 4, or the CPU count when lower)')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument('--amp', action=argparse.BooleanOptionalAction,
                         help="mixed precision (default: as in training)")

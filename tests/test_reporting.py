@@ -280,6 +280,8 @@ def test_compare_prints_the_numbers_of_summary_csv_and_the_differing_settings(tw
     assert '| lr | 0.001 | 0.003 | 0.001 |' in printed and '| price_per_hour | None | 2.5 | None |' in printed
     with Image.open(out) as image:
         assert image.size == (1200, 800)
+    assert compare.main([str(two_runs[0])]) == 0  # without --out: beside the run folders, not in the current folder
+    assert (two_runs[0].parent / 'compare.png').is_file()
 
 
 def test_progress_line_only_on_a_terminal(shapes, tmp_path):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compare runs: one PNG of their curves overlaid, and a markdown table of results and differing settings.
 
-    python tools/compare.py output/run_a output/run_b [--out compare.png]
+    python tools/compare.py output/run_a output/run_b [--out output/compare.png]
 
 Reads each run folder's summary.csv and config.yaml, so it works on runs that are still going.
 """
@@ -66,8 +66,9 @@ def settings_table(runs: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('runs', nargs='+', type=Path, help='run folders')
-    parser.add_argument('--out', type=Path, default=Path('compare.png'), help='PNG to write (default: compare.png)')
+    parser.add_argument('--out', type=Path, help='PNG to write (default: compare.png beside the first run folder)')
     args = parser.parse_args(argv)
+    args.out = args.out or args.runs[0].parent / 'compare.png'
     runs = [load_run(path) for path in args.runs]
     names = [run['name'] for run in runs]
     if len(set(names)) < len(names):  # same folder name under different outputs

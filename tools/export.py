@@ -247,6 +247,8 @@ def export(args) -> Path:
     pretrained_cfg = dict(tag=(state.get('config') or {}).get('experiment') or 'trained')
     save_for_hf(model, out, model_config=dict(labels, export=export_info, pretrained_cfg=pretrained_cfg),
                 safe_serialization=True, data_config=classifier.data_cfg)
+    # safetensors writes its file readable by its owner alone; it gets the mode of the others (the umask's)
+    (out / 'model.safetensors').chmod((out / 'config.json').stat().st_mode & 0o777)
     copy_demo(out, own_architecture)
     for source, name in (('curves.png', 'curves.png'), ('config.yaml', 'train_config.yaml')):
         if (run_dir / source).is_file():

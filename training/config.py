@@ -410,8 +410,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _build_parser() -> OneLineParser:
     parser = OneLineParser(
-        prog='train.py', argument_default=argparse.SUPPRESS,
-        description='Train an image classifier from a YAML recipe; command line flags override the recipe.')
+        prog='train.py', argument_default=argparse.SUPPRESS, usage='train.py -c RECIPE.yaml [--option VALUE ...]',
+        description='Train an image classifier from a YAML recipe; command line flags override the recipe. Every '
+                    'option below is also a recipe key (--weight-decay is weight_decay).')
     parser.add_argument('-c', '--config', help="recipe YAML (or a run folder's config.yaml: see its header)")
     groups = {}
     for option in OPTIONS:
@@ -424,7 +425,7 @@ def _build_parser() -> OneLineParser:
         elif option.convert.__name__.startswith('list') or option.convert is number_or_list:
             kwargs.update(nargs='+', metavar='V')
         else:
-            kwargs['metavar'] = option.name.upper()
+            kwargs['metavar'] = '{' + ','.join(option.choices) + '}' if option.choices else option.name.upper()
         groups[option.group].add_argument(option.flag, *option.flags, **kwargs)
     return parser
 

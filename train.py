@@ -37,7 +37,7 @@ from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad
 from torch.optim.swa_utils import AveragedModel
 
 import model_defs  # noqa: F401  registers resnet50_custom
-from training import checkpoint, distill, distributed, reporting
+from training import checkpoint, distill, distributed, per_class, reporting
 from training.checkpoint import Progress, RunCheckpointSaver
 from training.config import UserError, architecture_options, parse_config, save_config, saved_config
 from training.data import (BUILTIN_ROOT, STEP, SWA_BN, BatchLayout, Datasets, Loaders, build_loaders, choice_line,
@@ -631,11 +631,15 @@ def log_model(config: dict, checkpoints: Checkpoints, reporter: reporting.Report
 
 
 def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders: Loaders, progress: Progress,
-        checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest) -> int:
-    """Epoch after epoch: train, evaluate raw, EMA and SWA weights, report, save; returns the exit code."""
+        checkpoints: Checkpoints, reporter: reporting.Reporter, stop: StopRequest, class_names: list) -> int:
+    """Epoch after epoch: train, evaluate raw, EMA and SWA weights, report, save; returns the exit code.
+
+    Args:
+        class_names: the dataset's, in label order ('' where it names none), for the per-class top-1 of the end.
+    """
     steps_per_epoch = loaders.steps_per_epoch
     numerics = dict(amp_dtype=t.amp_dtype, channels_last=config['channels_last'], eval_flip=config['eval_flip'],
-                    stop=stop)
+                    stop=stop, num_classes=len(class_names))
     first_epoch = progress.epoch
     while progress.epoch < config['epochs']:
         epoch = progress.epoch
@@ -668,6 +672,11 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         progress.seconds = progress.device_seconds = 0.0
         # W&B first: a crash before the checkpoint repeats the epoch, and W&B keeps one copy of a step
         reporter.epoch(row, progress.history, progress.global_step)
+        # the run's end: top-1 per class of the weights ranked first; before the checkpoint, which would leave a
+        # crash in between nothing to evaluate again
+        if progress.epoch == config['epochs']:
+            classes = per_class.class_rows(results[metric_weights], class_names, metric_weights)
+            reporter.class_top1(classes, epoch, progress.global_step)
         checkpoints.epoch_end(progress, metric, metric_weights)
         best = reporting.best_of(progress.history, config['eval_metric'])
         reporter.best(config['eval_metric'], *best, progress.global_step)
@@ -841,7 +850,8 @@ def train(config: dict, procs: Processes) -> int:
     stop = StopRequest(procs)
     stop.install()
     try:
-        return fit(config, procs, layout, t, loaders, progress, checkpoints, reporter, stop)
+        return fit(config, procs, layout, t, loaders, progress, checkpoints, reporter, stop,
+                   datasets.fingerprint['class_names'] or [''] * datasets.num_classes)
     except Interrupted:
         checkpoints.wait()
         if checkpoints.unsaved:

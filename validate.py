@@ -6,7 +6,8 @@
 Model, class count and preprocessing come from the checkpoint (ours, or one written by timm's train.py); a plain state
 dict needs --model, and --num-classes where its classifier does not tell. The dataset's class
 folders must be those the checkpoint was trained on, in the same label order (--allow-other-classes: evaluate anyway).
-Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file.
+Prints top-1, top-5, loss, images and img/s, and writes them as JSON with --results-file, with the top-1 of each class;
+--per-class-csv writes the top-1 of each class as train.py's per_class.csv.
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ import torch
 from timm.models import create_model, get_pretrained_cfg
 
 import model_defs  # noqa: F401  registers resnet50_custom
-from training import checkpoint
+from training import checkpoint, per_class
 from training.config import OneLineParser, UserError, architecture_options
 from training.data import classes_of, create_eval_loader, data_config, locate_dataset, open_image_folder
 from training.distributed import Processes, keep_freed_cpu_memory, pick_device
@@ -65,7 +66,9 @@ def parse_args(argv=None):
     parser.add_argument('--allow-other-classes', action='store_true',
                         help="evaluate even when the dataset's class folders are not the ones the checkpoint was "
                              'trained on (a warning names the first that differ)')
-    parser.add_argument('--results-file', help='write the results to this JSON file')
+    parser.add_argument('--results-file', help='write the results to this JSON file, with the top-1 of each class')
+    parser.add_argument('--per-class-csv', help="write the top-1 of each class to this CSV file (train.py's "
+                                                'per_class.csv: class_index, class_name, images, top1, weights)')
     return parser.parse_strict(argv)
 
 
@@ -122,6 +125,17 @@ def check_classes(state: dict, names: list, where: str, allow_other: bool):
     print(f'validate.py: warning: {problem}; evaluating anyway (--allow-other-classes)', file=sys.stderr)
 
 
+def check_writable(path: str, option: str):
+    """Refuse an output file that cannot be written before the evaluation rather than after it."""
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise UserError(f'{option} {path} is a directory, not a file')
+    if not folder.is_dir():
+        raise UserError(f'{option} {path}: no folder {folder}')
+    if not os.access(folder, os.W_OK):
+        raise UserError(f'{option} {path}: folder {folder} is not writable')
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -132,6 +146,9 @@ def main(argv=None) -> int:
 
 
 def validate(args) -> int:
+    for path, option in ((args.results_file, '--results-file'), (args.per_class_csv, '--per-class-csv')):
+        if path:
+            check_writable(path, option)
     state = checkpoint.load(args.checkpoint)
     model, weights_kind, config = load_model(args, state)
     device = pick_device(args.device)
@@ -160,16 +177,21 @@ def validate(args) -> int:
     if channels_last:
         model.to(memory_format=torch.channels_last)
     with create_eval_loader(dataset, data_cfg, args.batch_size, args.workers, device, decode=decode) as loader:
-        results, = evaluate([model], loader, procs, amp_dtype, channels_last, eval_flip=eval_flip)
+        results, = evaluate([model], loader, procs, amp_dtype, channels_last, eval_flip=eval_flip,
+                            num_classes=model.num_classes)
+    classes = per_class.class_rows(results, names or [''] * model.num_classes, weights_kind)
+    del results['class_images'], results['class_hits']  # the JSON has them as per_class
     results.update(checkpoint=str(args.checkpoint), model=getattr(model, 'pretrained_cfg', {}).get('architecture'),
                    weights=weights_kind, img_size=data_cfg['input_size'][-1], crop_pct=data_cfg['crop_pct'],
                    eval_flip=eval_flip, blur_pool=bool(config.get('blur_pool')), data=str(root), split=args.split,
-                   decode=decode)
+                   decode=decode, per_class=[{k: v for k, v in row.items() if k != 'weights'} for row in classes])
     print(f"{results['model']} ({weights_kind} weights) on {results['images']} images of {root} {args.split}: "
           f"top-1 {results['top1']:.3f}  top-5 {results['top5']:.3f}  loss {results['loss']:.4f}  "
           f"{results['img_per_sec']:.0f} img/s")
     if args.results_file:
         Path(args.results_file).write_text(json.dumps(results, indent=2) + '\n')
+    if args.per_class_csv:
+        per_class.write_csv(Path(args.per_class_csv), classes)
     return 0
 
 

@@ -171,7 +171,7 @@ def evaluate_shard(rank: int, world_size: int, port: int, data: str, results: di
     dataset = open_image_folder(Path(data), 'validation')
     cfg = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
     loader = create_eval_loader(dataset, cfg, 8, 0, torch.device('cpu'), rank, world_size)
-    results[rank], = evaluate([model], loader, Processes(rank, world_size, rank, torch.device('cpu')))
+    results[rank], = evaluate([model], loader, Processes(rank, world_size, rank, torch.device('cpu')), num_classes=10)
     dist.destroy_process_group()
 
 
@@ -184,12 +184,14 @@ def test_distributed_validation_counts_each_image_once(tmp_path):
         for world_size in (1, 2, 3):
             mp.start_processes(evaluate_shard, args=(world_size, free_port(), str(data), results),
                                nprocs=world_size, start_method='spawn')
-            assert results[0]['images'] == 47
+            assert results[0]['images'] == sum(results[0]['class_images']) == 47
             if world_size == 1:
                 single = dict(results[0])
             else:
                 assert all(results[r]['top1'] == single['top1'] for r in range(world_size))
                 assert results[0]['top5'] == single['top5']
+                assert (results[0]['class_images'], results[0]['class_hits']) == (single['class_images'],
+                                                                                   single['class_hits'])
                 assert results[0]['loss'] == pytest.approx(single['loss'], rel=1e-6)
 
 

@@ -139,11 +139,12 @@ def test_start_over_deletes_our_files_by_their_exact_names_and_keeps_look_alikes
     run_dir = tmp_path / 'run'
     (run_dir / 'wandb' / 'run-1').mkdir(parents=True)
     (run_dir / 'config.yaml').write_text(checkpoint.CONFIG_HEADER + ' of run run\n')
-    ours = ['config.yaml.tmp', 'log.txt', 'summary.csv', 'summary.csv.tmp', 'curves.png', 'curves.png.tmp.png',
+    ours = ['config.yaml.tmp', 'log.txt', 'summary.csv', 'summary.csv.tmp', 'per_class.csv', 'per_class.csv.tmp',
+            'curves.png', 'curves.png.tmp.png',
             'last.pth.tar', 'previous.pth.tar', 'model_best.pth.tar', 'checkpoint-12.pth.tar', 'recovery-3-250.pth.tar',
             'recovery-3-250.pth.tar.corrupt', 'tmp.pth.tar', 'recovery_tmp.pth.tar', 'previous.tmp.pth.tar']
     users = ['pretrained.pth.tar', 'notes.tmp', 'plot.tmp.png', 'weights.tmp.pth.tar', 'checkpoint-best.pth.tar',
-             'recovery-old.pth.tar', 'last.pth.tar.bak', 'mine.pth.tar.corrupt']
+             'recovery-old.pth.tar', 'last.pth.tar.bak', 'mine.pth.tar.corrupt', 'per_class.csv.bak']
     for name in ours + users:
         (run_dir / name).write_bytes(b'x')
     checkpoint.clear_run_folder(run_dir)

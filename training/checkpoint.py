@@ -501,7 +501,8 @@ LOCK_FILE = '.train.lock'
 # names it is swapped through), the checkpoints (set aside as name + '.corrupt')
 # and the temporary names of their writes (timm's `tmp` and `recovery_tmp`, our `previous.tmp`)
 RUN_FILE_NAME = re.compile('|'.join([
-    r'(config\.yaml|summary\.csv)(\.tmp)?', r'curves\.png(\.tmp\.png)?', r'log\.txt', r'wandb', r'model(\.tmp|\.old)?',
+    r'(config\.yaml|summary\.csv|per_class\.csv)(\.tmp)?', r'curves\.png(\.tmp\.png)?', r'log\.txt', r'wandb',
+    r'model(\.tmp|\.old)?',
     CHECKPOINT_NAME.pattern + r'(\.corrupt)?', r'(tmp|recovery_tmp|previous\.tmp)' + re.escape(EXTENSION)]))
 CONFIG_HEADER = '# resolved configuration'
 

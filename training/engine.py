@@ -100,7 +100,8 @@ def clipped_parameters(model: torch.nn.Module, mode: str) -> list:
 
 @torch.no_grad()
 def evaluate(models: Sequence[torch.nn.Module], loader, procs: Processes, amp_dtype: Optional[torch.dtype] = None,
-             channels_last: bool = False, eval_flip: bool = False, stop: Optional[StopRequest] = None) -> list:
+             channels_last: bool = False, eval_flip: bool = False, stop: Optional[StopRequest] = None,
+             num_classes: Optional[int] = None) -> list:
     """Top-1, top-5 and mean cross-entropy of each model over every image of the loader's dataset, once each.
 
     One pass over the data for all the models (a run's raw and EMA weights): each batch is loaded and decoded once.
@@ -111,13 +112,21 @@ def evaluate(models: Sequence[torch.nn.Module], loader, procs: Processes, amp_dt
     batch (so with either decode path). Logits rather than probabilities, as FFCV's evaluation sums logits for its
     published numbers; the mean ranks as the sum does and keeps the loss on the scale of one view.
 
+    Per class, the images and each model's top-1 hits are counted too, by index_add_ (bincount would wait for the
+    GPU to size its result), in as many classes as the models predict; a distributed evaluation passes num_classes, as
+    a process without a batch could not tell it.
+
     Returns:
-        One dict per model: loss, top1, top5, images, and the pass's img_per_sec and seconds.
+        One dict per model: loss, top1, top5, images, class_images and class_hits (a list over the classes each), and
+        the pass's img_per_sec and seconds.
     """
     for model in models:
         model.eval()
     device = procs.device
     sums = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, images
+    per_class = None  # [1 + models, classes]: images, then each model's top-1 hits
+    if num_classes is not None:
+        per_class = torch.zeros(1 + len(models), num_classes, dtype=torch.int64, device=device)
     common_batches = getattr(loader.batch_sampler, 'common_batches', len(loader))
     start = time.perf_counter()
     for i, (x, y) in enumerate(loader):
@@ -135,12 +144,21 @@ def evaluate(models: Sequence[torch.nn.Module], loader, procs: Processes, amp_dt
             hits = top == y[:, None]
             sums[k, :3] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, :1].sum(),
                                         hits.sum()]).double()
+            if per_class is None:
+                per_class = torch.zeros(1 + len(models), logits.shape[1], dtype=torch.int64, device=device)
+            per_class[1 + k].index_add_(0, y, hits[:, 0].long())
         sums[:, 3] += len(y)
+        per_class[0].index_add_(0, y, torch.ones_like(y))
     sum_over_ranks(sums, procs)
+    if per_class is None:  # no batch and no num_classes: no classes to count
+        per_class = torch.zeros(1 + len(models), 0, dtype=torch.int64, device=device)
+    sum_over_ranks(per_class, procs)
+    class_images, *class_hits = per_class.tolist()
     elapsed = time.perf_counter() - start
     results = []
-    for loss, top1, top5, images in sums.tolist():
+    for (loss, top1, top5, images), hits in zip(sums.tolist(), class_hits):
         images = max(images, 1)
         results.append(dict(loss=loss / images, top1=100 * top1 / images, top5=100 * top5 / images,
-                            images=int(images), img_per_sec=images / elapsed, seconds=elapsed))
+                            images=int(images), class_images=class_images, class_hits=hits,
+                            img_per_sec=images / elapsed, seconds=elapsed))
     return results

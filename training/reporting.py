@@ -19,6 +19,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import per_class
+
 _logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = (
@@ -373,6 +375,14 @@ class WandbLogger:
         artifact.add_dir(str(folder))
         self._send(lambda run: run.log_artifact(artifact, aliases=aliases))
 
+    def log_table(self, key: str, rows: list, global_step: int):
+        """Rows (dicts with the same keys) as a W&B Table under key, at global_step."""
+        def send(run):
+            import wandb
+            run.log({key: wandb.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])},
+                    step=global_step)
+        self._send(send)
+
     def finish(self):
         """Close the W&B run, first waiting for a start still under way so that what was logged reaches it."""
         if self._starting.is_alive():
@@ -464,6 +474,16 @@ class Reporter:
     def best(self, metric: str, value: float, weights: str, epoch: int, global_step: int):
         if self.wandb is not None:
             self.wandb.set_best(metric, value, weights, epoch, global_step)
+
+    def class_top1(self, rows: list, epoch: int, global_step: int):
+        """Top-1 per class at the end of a run (per_class.class_rows): the worst classes in the log, per_class.csv,
+        and the W&B table per_class."""
+        if not self.is_primary:
+            return
+        _logger.info(per_class.worst_line(rows, f'final epoch {epoch}'))
+        per_class.write_csv(self.run_dir / 'per_class.csv', rows)
+        if self.wandb is not None:
+            self.wandb.log_table('per_class', rows, global_step)
 
     def finish(self):
         self.progress.clear()

@@ -75,6 +75,6 @@ def artifacts(path: Path) -> list:
                 contents = {k: (v['digest'], v.get('local_path')) for k, v in files.items()}
             else:
                 contents = {e.path: (e.digest, e.local_path) for e in manifest.contents}
-            logged.append(dict(name=a.name, type=a.type, aliases=list(a.aliases), metadata=json.loads(a.metadata) if a.metadata else {},
-                               files=contents))
+            metadata = json.loads(a.metadata) if a.metadata else {}  # a table's artifact has none
+            logged.append(dict(name=a.name, type=a.type, aliases=list(a.aliases), metadata=metadata, files=contents))
     return logged

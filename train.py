@@ -696,6 +696,9 @@ def fit(config: dict, procs: Processes, layout: BatchLayout, t: Trainer, loaders
         value, weights, epoch = reporting.best_of(progress.history, config['eval_metric'])
         _logger.info(f"Finished: best {config['eval_metric']} {value:.2f} ({weights} weights) at epoch {epoch}; "
                      f'{reporting.cost_words(progress.history[-1], hours_unit(procs))}')
+        best = reporter.run_dir / 'model_best.pth.tar'
+        _logger.info(f'Best model: {best}. Next: python validate.py --checkpoint {best}; python tools/export.py '
+                     f'--checkpoint {best} --out export/{reporter.run_dir.name}')
     return 0
 
 
@@ -765,7 +768,11 @@ def resume_or_start(config: dict, procs: Processes, run_dir: Path, t: Trainer, d
     checkpoint.check_resume(config, state, path, datasets.fingerprint)
     progress = checkpoint.restore(state, t.model, t.model_ema, t.model_swa, t.optimizer, t.scaler,
                                   same_optimizer=state['config']['opt'] == config['opt'])
-    _logger.info(f'Resuming {path}: epoch {progress.epoch}, step {progress.step}/{steps_per_epoch}')
+    if progress.epoch >= config['epochs']:
+        _logger.info(f"The run in {run_dir} is finished ({config['epochs']} epochs): nothing left to train (more "
+                     'epochs: --epochs N --allow-config-change; a new run: --experiment NAME)')
+    else:
+        _logger.info(f'Resuming {path}: epoch {progress.epoch}, step {progress.step}/{steps_per_epoch}')
     return progress, state
 
 

@@ -147,7 +147,9 @@ def test_a_finished_run_keeps_no_recovery_files_and_its_rerun_changes_nothing(sh
     subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)
     last = (tmp_path / 'run' / 'last.pth.tar').read_bytes()
     rc, log = run_until(shapes, tmp_path, None, None)
-    assert rc == 0 and re.search(r'Resuming \S+last.pth.tar: epoch 2, step 0/5', log), log
+    assert rc == 0 and f'The run in {tmp_path}/run is finished (2 epochs): nothing left to train' in log, log
+    best = f'{tmp_path}/run/model_best.pth.tar'  # the end says where the model is, and what to do with it
+    assert f'Best model: {best}. Next: python validate.py --checkpoint {best}; python tools/export.py' in log
     assert (tmp_path / 'run' / 'last.pth.tar').read_bytes() == last
     assert summary(tmp_path / 'run') == summary(reference)
     assert not list((tmp_path / 'run').glob('recovery*'))

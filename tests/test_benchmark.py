@@ -102,3 +102,16 @@ def test_steady_windows_start_once_the_prefetched_batches_are_used_up():
     assert benchmark.steady_windows(loader_bound) == loader_bound[4:]
     compute_bound = [(3, 9, 100, 0.3), (6, 9, 900, 0.0), (9, 9, 880, 0.01)]
     assert benchmark.steady_windows(compute_bound) == compute_bound[1:]
+
+
+def test_methods_table_times_each_method_against_the_plain_step(capsys, one_thread):
+    assert benchmark.main(['methods', '--img-size', '32', '-b', '4', '--repeats', '1', '--device', 'cpu',
+                           '--teachers', 'resnet18']) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r'^\| (plain|attn_layer: se|kd_teacher: resnet18) \| (\d+) ms \| ([+-]\d+)% \|$', out, re.M)
+    assert [r[0] for r in rows] == ['plain', 'attn_layer: se', 'kd_teacher: resnet18']
+    plain = int(rows[0][1])
+    # each share from the unrounded times: within the rounding of the printed milliseconds
+    assert rows[0][2] == '+0'
+    assert all(abs(int(pct) - 100 * (int(ms) / plain - 1)) <= 100 / plain + 1 for _, ms, pct in rows)
+    assert re.search(r'update_parameters \d+ ms; update_bn: \d+ ms per batch', out)

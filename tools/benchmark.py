@@ -11,6 +11,7 @@
     python tools/benchmark.py jpegs --images N [--cache DIR]      make (or find) the ImageNet-like JPEG set
     python tools/benchmark.py vs-timm --timm-train PATH [--epochs 20 -b 64 --img-size 32 -j 2]
         timm's own train.py and ours on the same recipe and data: wall time, step speed, overhead, top-1
+    python tools/benchmark.py methods [--img-size 64 -b 16]        what SE, a distillation teacher and SWA add to a step
     python tools/benchmark.py checkpoint                           size and write/load time of a checkpoint
     python tools/benchmark.py sigterm [--img-size 224 -b 16]       SIGTERM to exit, with a recovery save
 """
@@ -54,7 +55,7 @@ from training.checkpoint import fsync_write  # noqa: E402
 from training.config import UserError, parse_config  # noqa: E402
 from training.data import (AUTO_AUGMENT_OPS, BatchLayout, apply_auto_augment_ops, create_train_loader,  # noqa: E402
                            data_config, open_image_folder)
-from training.distributed import keep_freed_cpu_memory, pick_device  # noqa: E402
+from training.distributed import Processes, keep_freed_cpu_memory, pick_device  # noqa: E402
 from training.reporting import read_summary  # noqa: E402
 
 RECIPE = REPO / 'recipes' / 'rn50_130ep.yaml'  # the augmentation and model every pipeline row uses
@@ -749,6 +750,62 @@ def augment_ops(args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the course project's methods: what each adds to a training step
+
+def median_ms(run, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def methods(args):
+    """ms per training step (train.py's forward_backward and optimizer_step) of the plain recipe model, with SE, and
+    with distillation teachers (checkpoints of ours with random weights: the same speed); SWA's per-epoch work."""
+    import train
+    from torch.optim.swa_utils import AveragedModel
+    device = pick_device(args.device)
+    procs = Processes(0, 1, 0, device)
+    common = ['--num-classes', '10', '--img-size', str(args.img_size), '--no-model-ema', '--device', str(device)]
+    cases = {'plain': [], 'attn_layer: se': ['--attn-layer', 'se']}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.teachers:
+            path = Path(tmp) / f'{name}.pth.tar'
+            torch.save(dict(state_dict=create_model(name, num_classes=10).state_dict(),
+                            config=dict(model=name, num_classes=10)), path)
+            cases[f'kd_teacher: {name}'] = ['--kd-teacher', str(path)]
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+        y = torch.randint(0, 10, (args.batch_size,), device=device)
+        lines, plain = [], None
+        for label, flags in cases.items():
+            torch.manual_seed(0)
+            config = parse_config([*common, *flags])
+            t = train.build_trainer(config, procs, BatchLayout.create(args.batch_size, 1, None),
+                                    train.build_model(config, 10), 10, steps_per_epoch=1)
+            t.train_model.train()
+
+            def step():
+                train.forward_backward(t, x.clone(), y, True, 1, False)
+                train.optimizer_step(t)
+                _sync(device)
+            ms = median_ms(step, args.repeats)
+            plain = plain or ms
+            lines.append(f'| {label} | {ms:.0f} ms | {100 * (ms / plain - 1):+.0f}% |')
+        model = t.model
+        average = AveragedModel(model)
+        with torch.no_grad():
+            forward = median_ms(lambda: (model(x), _sync(device)), args.repeats)
+        update = median_ms(lambda: (average.update_parameters(model), _sync(device)), args.repeats)
+    print(f'## Methods: {args.img_size} px, batch {args.batch_size}, {machine(device)}\n')
+    print('\n'.join(['| per training step | time | vs plain |', '|---|---:|---:|', *lines]))
+    print(f'\nSWA, once an epoch: AveragedModel.update_parameters {update:.0f} ms; update_bn: {forward:.0f} ms per batch '
+          '(a forward in train mode without gradients) x swa_bn_batches; one more model in the evaluation pass.')
+
+
 # checkpoint and SIGTERM timings
 
 
@@ -852,6 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--out', help='also write the table to this markdown file')
+    p = sub.add_parser('methods', help="what SE, a distillation teacher and SWA add to a training step")
+    p.add_argument('--img-size', type=int, default=64)
+    p.add_argument('-b', '--batch-size', type=int, default=16)
+    p.add_argument('--device', default='auto')
+    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--teachers', nargs='+', default=['resnet18', 'resnet50_custom', 'resnet152'])
     p = sub.add_parser('checkpoint', help='size and write/load time of a checkpoint')
     p.add_argument('--dir', default=None, help='where to write (default: the temp folder)')
     p = sub.add_parser('sigterm', help='SIGTERM to exit, with a recovery save')
@@ -872,7 +935,7 @@ def check_counts(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     commands = {'pipeline': pipeline, 'jpegs': jpegs, 'vs-timm': vs_timm, 'workers': workers, 'checkpoint': checkpoint,
-                'sigterm': sigterm, 'augment-ops': augment_ops}
+                'sigterm': sigterm, 'augment-ops': augment_ops, 'methods': methods}
     try:
         check_counts(args)
         commands[args.what](args)

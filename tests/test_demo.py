@@ -1,7 +1,9 @@
 """The web demo in a real browser: an export folder run as a Space would run it, driven by headless Chromium.
 
-Needs what CI does not install: gradio (demo/requirements.txt), playwright (its Python package only: the browser is
-Debian's chromium, not one that `playwright install` downloads). Skipped, with the reason, when any is missing.
+Needs what the training requirements leave out: the demo's packages (demo/requirements.txt: gradio, which pins an
+older Pillow than training's, so they live in an environment of their own, named by DEMO_PYTHON; or in this one),
+playwright (its Python package only, here: the browser is Debian's chromium, not one that `playwright install`
+downloads). Skipped, with the reason, when any is missing; .ci/run installs them all and fails on a skip.
 """
 import importlib.util
 import json
@@ -23,12 +25,22 @@ from training import builtin_data
 from test_predict import trained_run
 
 CHROMIUM = Path('/usr/bin/chromium')
+# the interpreter of the demo's own environment (pip install -r demo/requirements.txt), as a Space runs it
+DEMO_PYTHON = os.environ.get('DEMO_PYTHON', sys.executable)
+
+
+def has_gradio(python: str) -> bool:
+    if python == sys.executable:
+        return importlib.util.find_spec('gradio') is not None
+    return subprocess.run([python, '-c', 'import gradio'], capture_output=True).returncode == 0
+
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync']
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec('gradio') is None,
-                       reason='the demo needs gradio: pip install -r demo/requirements.txt'),
+    pytest.mark.skipif(not has_gradio(DEMO_PYTHON),
+                       reason=f'the demo needs gradio in {DEMO_PYTHON}: pip install -r demo/requirements.txt into an '
+                              'environment of its own, named by DEMO_PYTHON=.../bin/python'),
     pytest.mark.skipif(importlib.util.find_spec('playwright') is None,
                        reason='the browser test needs playwright: pip install playwright'),
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f'the browser test needs {CHROMIUM}: apt-get install chromium'),
@@ -63,7 +75,7 @@ def space(tmp_path_factory, shapes, tmp_path):
     port = free_port()
     env = {**os.environ, 'GRADIO_SERVER_NAME': '127.0.0.1', 'GRADIO_SERVER_PORT': str(port),
            'GRADIO_ANALYTICS_ENABLED': 'False'}
-    app = subprocess.Popen([sys.executable, 'app.py'], cwd=folder, env=env, stdout=subprocess.PIPE,
+    app = subprocess.Popen([DEMO_PYTHON, 'app.py'], cwd=folder, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_server(f'http://127.0.0.1:{port}/', app, 180)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Measurements quoted in the README and issue notes.
+"""Measurements quoted in docs/benchmarks.md, docs/input-pipeline.md and issue notes.
 
     python tools/benchmark.py pipeline [--data DIR | --images N] [--img-size 224 -b 256 -j 14 --compile --out F.md]
             [--auto-augment rand-m6-mstd0.5-inc1] [--kd-teacher MODEL]

@@ -204,7 +204,8 @@ OPTIONS = _grouped(
            choices=('auto', 'cpu', 'gpu'), role=RUN),
     Option('gpu_decoder', 'torchvision', text, "decode: gpu on CUDA: 'torchvision' (nvjpeg) or 'nvimgcodec' "
            "(nvImageCodec, pip nvidia-nvimgcodec-cu13: its hardware JPEG decoders where the GPU and the host expose "
-           "them; on our H200 it was slower, see the README)", choices=('torchvision', 'nvimgcodec'), role=RUN),
+           "them; on our H200 it was slower, see docs/input-pipeline.md)", choices=('torchvision', 'nvimgcodec'),
+           role=RUN),
     Option('cpu_decode_share', None, fraction, 'the device path: share of the training images that the loader '
            'workers decode, crop and resize instead (chosen by sample seed), to split the decoding between CPU and '
            'GPU (default: on CUDA the fastest, timed over trial steps before the first one; a resumed run keeps it)',

@@ -3,7 +3,7 @@ the training device decodes (device_decode.py), crops and resizes (device_geomet
 (device_color.py). The output is what the CPU path yields: (x float32 normalised NCHW, y int64), both on the device.
 On CUDA a thread makes batches ahead on a side stream, so that decoding and augmenting overlap the training steps.
 
-Measured on one H200 (torch 2.11, 14 workers, batch 256, JPEGs of 250-500 px, ~70 KB; README "Input pipeline"):
+Measured on one H200 (torch 2.11, 14 workers, batch 256, JPEGs of 250-500 px, ~70 KB; docs/input-pipeline.md):
 train.py reaches 3,194 img/s at 224 px with the device decoding everything, 3,452 with cpu_decode_share 1.0, against a
 ceiling of ~4,200 on synthetic input: nvjpeg's ~15 ms per 256 images share the SMs with the training step.
 """

@@ -5,7 +5,7 @@ Reduced-size decoding: libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size 
 skips most of the inverse DCT, colour conversion and memory traffic. The crop is drawn first, on the size read from the
 file's header; the scale is the largest that still leaves the crop at least the output size (see `dct_scale`).
 
-What is bad (the policy of the whole pipeline; README "Unreadable images"):
+What is bad (the policy of the whole pipeline; docs/input-pipeline.md, "Unreadable images"):
 - decoded anyway when PIL can: a PNG or GIF named .JPEG, CMYK and grayscale JPEGs, palette images all become RGB.
   So does a JPEG whose entropy data libjpeg resynchronises past: PIL does not report libjpeg's warnings.
 - bad otherwise: an empty file, a file PIL cannot identify, truncated data (PIL's LOAD_TRUNCATED_IMAGES, which would

@@ -116,7 +116,7 @@ def open_image_folder(root: Path, split: str, dataset: str = ''):
     classes = classes_of(ds)
     if '' in classes or '.' in classes:
         raise UserError(f'{folder} holds images but no class folders: expected {folder}/<class>/<image>.JPEG '
-                        '(ImageNet\'s flat val folder must be sorted first, see README)')
+                        '(ImageNet\'s flat val folder must be sorted first, see docs/data.md)')
     return ds
 
 

@@ -5,11 +5,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import train
-from training import builtin_data
-from training.reporting import read_summary
+# One intra-op thread in every test process and in the processes they start: the suite's tensors are too small for a
+# second thread to help (tests/test_train.py's runs took 19.9 s with one, 19.3 s with two, on 2 idle cores), and
+# pytest-xdist runs one test process per core (pytest.ini), which two threads each would oversubscribe.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from training import builtin_data  # noqa: E402
+from training.reporting import read_summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

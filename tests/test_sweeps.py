@@ -44,9 +44,11 @@ def agent_env(folder, run_id: str, params: dict) -> dict:
 
 def trial_params(shapes, output, lr: float) -> dict:
     """The quickstart sweep's parameter, and the test's own as sweep parameters too (the agent passes them the same
-    way): a tiny run of 2 epochs of 5 steps, with the spellings the agent uses for booleans, lists and null."""
-    return dict(lr=lr, data_dir=str(shapes), output=str(output), epochs=2, batch_size=16, warmup_epochs=0,
-                log_interval=1, workers=0, model_ema=True, scale=[0.5, 1.0], num_classes=None, recovery_interval=2)
+    way): a tiny run of resnet18, 2 epochs of 5 steps, with the spellings the agent uses for booleans, lists and
+    null."""
+    return dict(lr=lr, model='resnet18', data_dir=str(shapes), output=str(output), epochs=2, batch_size=16,
+                warmup_epochs=0, log_interval=1, workers=0, model_ema=True, scale=[0.5, 1.0], num_classes=None,
+                recovery_interval=2)
 
 
 def start_trial(shapes, folder, run_id: str, lr: float) -> subprocess.Popen:

@@ -71,7 +71,7 @@ def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_
     first, resumed = wandb_runs(tmp_path / 'run')
     assert resumed['id'] == first['id']  # the id travels in the checkpoint
     assert (first['name'], first['group'], first['tags']) == ('run', 'tests', ['tiny', 'cpu'])
-    assert first['config']['lr'] == 1e-3 and first['config']['model'] == 'resnet50_custom'
+    assert first['config']['lr'] == 1e-3 and first['config']['model'] == 'resnet18'
     assert first['config']['environment']['world_size'] == 1
     assert set(first['config']['versions']) == {'torch', 'timm', 'git'}
     assert (first['config']['decode'], first['config']['cpu_decode_share']) == ('cpu', None)  # decode: auto's choice

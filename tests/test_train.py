@@ -42,9 +42,9 @@ def test_two_epochs_write_checkpoints_and_summary_rows(two_epochs):
 
 def test_checkpoint_is_timm_layout_with_plain_config_and_distinct_ema(two_epochs):
     state = load(two_epochs / 'last.pth.tar')  # weights_only=True: nothing pickled
-    assert state['arch'] == 'resnet50_custom' and state['epoch'] == 1 and state['version'] == 2
+    assert state['arch'] == 'resnet18' and state['epoch'] == 1 and state['version'] == 2
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'metric', 'saver', 'config', 'progress'} <= set(state)
-    assert state['config']['model'] == 'resnet50_custom' and state['config']['batch_size'] == 16
+    assert state['config']['model'] == 'resnet18' and state['config']['batch_size'] == 16
     assert yaml.safe_load((two_epochs / 'config.yaml').read_text()) == state['config']
     assert state['progress']['epoch'] == 2 and state['progress']['global_step'] == 10
     raw, ema = state['state_dict'], state['state_dict_ema']

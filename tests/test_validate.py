@@ -55,7 +55,7 @@ def test_plain_state_dict_with_model_name(trained, tmp_path, shapes, capsys):
     assert run_validate('--checkpoint', str(plain), '--data-dir', str(shapes), '--img-size', '32', '--crop-pct', '1.0',
                         '--results-file', str(out)) == 2
     assert 'plain state dict: pass --model' in capsys.readouterr().err
-    assert run_validate('--checkpoint', str(plain), '--model', 'resnet50_custom', '--data-dir', str(shapes),
+    assert run_validate('--checkpoint', str(plain), '--model', 'resnet18', '--data-dir', str(shapes),
                         '--img-size', '32', '--crop-pct', '1.0', '--results-file', str(out)) == 0
     assert json.loads(out.read_text())['top1'] == pytest.approx(summary(trained)[-1]['val_top1'], abs=0.01)
 
@@ -102,7 +102,7 @@ def test_evaluate_loads_each_batch_once_for_all_models_with_each_models_own_numb
 def trained_methods(shapes, tmp_path_factory):
     """One epoch of two steps, without EMA, with BlurPool and flip evaluation."""
     output = tmp_path_factory.mktemp('methods')
-    assert run_train(shapes, output, '--epochs', '1', '-b', '40', '--no-zero-init-last',
+    assert run_train(shapes, output, '--epochs', '1', '-b', '40', '--no-zero-init-last', '--model', 'resnet50_custom',
                      '--no-model-ema', '--blur-pool', '--eval-flip', experiment='methods') == 0
     return output / 'methods'
 
@@ -156,8 +156,8 @@ def five_classes(tmp_path):
     (lambda t, s, tmp: ['--checkpoint', str(tmp / 'missing.pth.tar')], 'checkpoint not found'),
     (lambda t, s, tmp: ['--checkpoint', str(t)], 'is a directory, not a checkpoint file'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'config.yaml')], 'is not a PyTorch checkpoint'),
-    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--model', 'resnet18'],
-     'holds resnet50_custom, not resnet18'),
+    (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--model', 'resnet50_custom'],
+     'holds resnet18, not resnet50_custom'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(flat_folder(tmp, s))],
      'holds images but no class folders'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(tmp / 'nowhere')],

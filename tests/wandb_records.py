@@ -7,6 +7,7 @@ wandb_internal_pb2.Record.
 """
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -44,10 +45,21 @@ def _items(items) -> dict:
     return {item.key or '/'.join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+def complete_records(path: Path, seconds: float = 30) -> list:
+    """The records of a run file, once they hold the run record: W&B's service process may still be writing the file
+    when wandb.finish() has returned (seen with two test processes at once)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = records(path)
+        if any(r.WhichOneof('record_type') == 'run' for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def read_run(path: Path) -> dict:
     """The run record (id, name, group, tags, config), its history rows and its summary updates."""
     run, history, summary = None, [], {}
-    for record in records(path):
+    for record in complete_records(path):
         kind = record.WhichOneof('record_type')
         if kind == 'run':
             run = record.run
@@ -66,7 +78,7 @@ def artifacts(path: Path) -> list:
     Offline, W&B writes the manifest into the run file and keeps each file's copy in its staging area for `wandb sync`.
     """
     logged = []
-    for record in records(path):
+    for record in complete_records(path):
         if record.WhichOneof('record_type') == 'artifact':
             a = record.artifact
             manifest = a.manifest

@@ -51,8 +51,8 @@ def one_thread(monkeypatch):
 
 def test_pipeline_table_has_a_speed_in_every_row(jpegs, tmp_path, one_thread):
     out = tmp_path / 'table.md'
-    code = benchmark.main(['pipeline', '--data', str(jpegs), '--img-size', '32', '-b', '8', '-j', '1',
-                           '--steps', '1', '--device', 'cpu', '--auto-augment', 'rand-m6-mstd0.5-inc1',
+    code = benchmark.main(['pipeline', '--data', str(jpegs), '--model', 'resnet18', '--img-size', '32', '-b', '8',
+                           '-j', '1', '--steps', '1', '--device', 'cpu', '--auto-augment', 'rand-m6-mstd0.5-inc1',
                            '--out', str(out)])
     assert code == 0
     lines = [line for line in out.read_text().splitlines() if line.startswith('| ') and 'measured' not in line]

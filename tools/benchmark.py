@@ -183,9 +183,10 @@ class Row:
 def recipe_config(data: Path, args, device: torch.device, *flags: str) -> dict:
     """The recipe's configuration at this run's size, batch, workers and device; on CPU without AMP and
     channels_last, as the ceiling runs there."""
+    model = ['--model', args.model] if getattr(args, 'model', None) else []
     return parse_config(['-c', str(RECIPE), '--data-dir', str(data), '--img-size', str(args.img_size),
                          '-b', str(args.batch_size), '-j', str(args.workers), '--device', str(device),
-                         *cpu_flags(device), *flags])
+                         *model, *cpu_flags(device), *flags])
 
 
 def cpu_flags(device: torch.device) -> list:
@@ -311,7 +312,7 @@ def train_py_speed(config: dict, device: torch.device, decode: str, out: Path, *
                '--output', str(out), '--experiment', experiment, '--img-size', str(config['img_size']),
                '-b', str(config['batch_size']), '-j', str(config['workers']), '--device', str(device),
                '--decode', decode, '--epochs', '1', '--log-interval', str(interval), '--recovery-minutes', '0',
-               '--checkpoint-hist', '1', '--no-log-wandb', *cpu_flags(device), *flags]
+               '--checkpoint-hist', '1', '--no-log-wandb', '--model', config['model'], *cpu_flags(device), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:
         output = (done.stdout + done.stderr).strip().splitlines() or ['no output']
@@ -802,8 +803,8 @@ def methods(args):
         update = median_ms(lambda: (average.update_parameters(model), _sync(device)), args.repeats)
     print(f'## Methods: {args.img_size} px, batch {args.batch_size}, {machine(device)}\n')
     print('\n'.join(['| per training step | time | vs plain |', '|---|---:|---:|', *lines]))
-    print(f'\nSWA, once an epoch: AveragedModel.update_parameters {update:.0f} ms; update_bn: {forward:.0f} ms per batch '
-          '(a forward in train mode without gradients) x swa_bn_batches; one more model in the evaluation pass.')
+    print(f'\nSWA, once an epoch: AveragedModel.update_parameters {update:.0f} ms; update_bn: {forward:.0f} ms per '
+          'batch (a forward in train mode without gradients) x swa_bn_batches; one more model in the evaluation pass.')
 
 
 # checkpoint and SIGTERM timings
@@ -874,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--steps', type=int, default=20, help='timed steps of the ceiling (and least loader batches)')
     p.add_argument('--auto-augment', help="also train.py with this auto-augment (e.g. A3's rand-m6-mstd0.5-inc1) on "
                    'the CPU path, the split (cpu_decode_share 1) and the device ops (cpu_decode_share 0)')
+    p.add_argument('--model', help="the model trained (default: the recipe's, resnet50_custom)")
     p.add_argument('--kd-teacher', help='also the step and train.py with this timm model as a distillation teacher '
                    "(random weights: the same speed), e.g. rn50_kd_funmatch_1200ep's "
                    'resnetv2_152x2_bit.goog_teacher_in21k_ft_in1k')

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import PIL.Image
 import torch
 from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -804,6 +805,10 @@ def log_start(config: dict, procs: Processes, layout: BatchLayout, run_dir: Path
 
 def train(config: dict, procs: Processes) -> int:
     """Build the run from its config, resume or start it, and train it to the end of its schedule."""
+    # Pillow imports its format plugins on first use, and matplotlib's savefig (curves.png, drawn by a thread) imports
+    # them all: a loader worker forked while that thread held a plugin's import lock waited on it for ever (an
+    # evaluation that never started, seen in CI). Imported here, before any thread, no import is left to hold a lock.
+    PIL.Image.init()
     layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
     display = reporting.setup_logging(procs.is_primary, procs.rank)  # lines are kept until log.txt can be opened
     run_dir, lock = claim_run_folder(config, procs)

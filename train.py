@@ -812,8 +812,8 @@ def train(config: dict, procs: Processes) -> int:
     layout = BatchLayout.create(config['batch_size'], procs.world_size, config['max_batch_per_device'])
     display = reporting.setup_logging(procs.is_primary, procs.rank)  # lines are kept until log.txt can be opened
     run_dir, lock = claim_run_folder(config, procs)
-    if config['deterministic']:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # set either way: a second run in the same process (a test, a notebook) gets its own setting, not the last run's
+    torch.use_deterministic_algorithms(config['deterministic'], warn_only=True)
     torch.backends.cudnn.benchmark = not config['deterministic']
 
     # every input is checked (data, model, optimizer, checkpoints) before --start-over deletes anything

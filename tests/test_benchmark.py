@@ -8,6 +8,8 @@ from PIL import Image
 from tools import benchmark
 from training.reporting import step_line
 
+from conftest import MODEL
+
 ROWS = ('step + ModelEmaV3 on device tensors, eager', 'train.py, decode auto',
         'train.py, decode cpu --auto-augment rand-m6-mstd0.5-inc1',
         'train.py, decode gpu --auto-augment rand-m6-mstd0.5-inc1 --cpu-decode-share 1',
@@ -51,7 +53,7 @@ def one_thread(monkeypatch):
 
 def test_pipeline_table_has_a_speed_in_every_row(jpegs, tmp_path, one_thread):
     out = tmp_path / 'table.md'
-    code = benchmark.main(['pipeline', '--data', str(jpegs), '--model', 'resnet18', '--img-size', '32', '-b', '8',
+    code = benchmark.main(['pipeline', '--data', str(jpegs), '--model', MODEL, '--img-size', '32', '-b', '8',
                            '-j', '1', '--steps', '1', '--device', 'cpu', '--auto-augment', 'rand-m6-mstd0.5-inc1',
                            '--out', str(out)])
     assert code == 0

@@ -15,23 +15,25 @@ from training.config import parse_config
 from training.data import BatchLayout
 from training.distributed import Processes
 
-from conftest import assert_same_weights, load, run_args, run_train, spawn_train, summary
+from conftest import MODEL, assert_same_weights, load, run_args, run_train, spawn_train, summary
 
-MODEL = ['--model', 'resnet18']  # teacher and students: the distillation path is the same, at a fifth of the cost
-STUDENT = [*MODEL, '--kd-task-weight', '0', '--kd-weight', '1', '--kd-temperature', '1', '--no-model-ema']
+IMAGENET_MEAN, IMAGENET_STD = ('0.485', '0.456', '0.406'), ('0.229', '0.224', '0.225')
+STUDENT = ['--kd-task-weight', '0', '--kd-weight', '1', '--kd-temperature', '1', '--no-model-ema']
 
 
 @pytest.fixture(scope='module')
 def teacher(shapes, tmp_path_factory):
-    """A run of ours, 3 epochs: its best checkpoint teaches (its EMA weights earned the metric or its raw ones)."""
+    """A run of ours, 3 epochs: its best checkpoint teaches (its EMA weights earned the metric or its raw ones). It
+    normalises its input with ImageNet's mean and std, the students below with others."""
     output = tmp_path_factory.mktemp('teacher')
-    assert run_train(shapes, output, *MODEL, '--epochs', '3', '--lr', '3.0e-3', experiment='teacher') == 0
+    assert run_train(shapes, output, '--epochs', '3', '--lr', '3.0e-3', '--mean', *IMAGENET_MEAN, '--std',
+                     *IMAGENET_STD, experiment='teacher') == 0
     return output / 'teacher' / 'model_best.pth.tar'
 
 
 def teacher_network(path) -> torch.nn.Module:
     state = load(path)
-    model = create_model('resnet18', num_classes=10)
+    model = create_model(MODEL, num_classes=10)
     model.load_state_dict(state['state_dict_ema' if state['metric_weights'] == 'ema' else 'state_dict'])
     return model.eval()
 
@@ -49,7 +51,7 @@ class Recorder(torch.nn.Module):
 
 
 def test_the_teacher_sees_the_mixed_batch_of_the_student_and_timms_loss_weighs_it(shapes, teacher):
-    config = parse_config(run_args(shapes, shapes.parent / 'unused', *MODEL, '--kd-teacher', str(teacher), '--mixup',
+    config = parse_config(run_args(shapes, shapes.parent / 'unused', '--kd-teacher', str(teacher), '--mixup',
                                    '0.8', '--cutmix', '1.0', '--kd-temperature', '2', '--kd-weight', '0.7',
                                    '--kd-task-weight', '0.3', '--mean', '0.5', '--std', '0.25'))
     t = train.build_trainer(config, Processes(0, 1, 0, torch.device('cpu')), BatchLayout.create(4, 1, None),
@@ -66,7 +68,7 @@ def test_the_teacher_sees_the_mixed_batch_of_the_student_and_timms_loss_weighs_i
     student_x, student_logits = seen['student']
     teacher_x, teacher_logits = seen['teacher']
     assert not torch.equal(student_x, original) and criterion.targets.shape == (4, 10)  # Mixup/CutMix mixed the batch
-    imagenet_mean, imagenet_std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    imagenet_mean, imagenet_std = (torch.tensor([float(v) for v in values]) for values in (IMAGENET_MEAN, IMAGENET_STD))
     pixels = student_x * 0.25 + 0.5  # the run's normalisation undone, the teacher's (ImageNet's, from its run) done
     torch.testing.assert_close(teacher_x, (pixels - imagenet_mean.view(1, 3, 1, 1)) / imagenet_std.view(1, 3, 1, 1))
     torch.testing.assert_close(teacher_logits, teacher_network(teacher)(teacher_x))  # eval mode, its metric's weights
@@ -89,7 +91,7 @@ def val_images(shapes) -> torch.Tensor:
 
 
 def kl_to(teacher: torch.nn.Module, weights: dict, x: torch.Tensor) -> float:
-    student = create_model('resnet18', num_classes=10)
+    student = create_model(MODEL, num_classes=10)
     student.load_state_dict(weights)
     with torch.no_grad():
         return F.kl_div(F.log_softmax(student.eval()(x), 1), F.log_softmax(teacher(x), 1), reduction='batchmean',
@@ -101,7 +103,7 @@ def distilled(shapes, teacher, tmp_path_factory):
     """A student distilled from the teacher alone, and the same student trained on the labels alone."""
     output = tmp_path_factory.mktemp('students')
     assert run_train(shapes, output, '--kd-teacher', str(teacher), *STUDENT, experiment='kd') == 0
-    assert run_train(shapes, output, *MODEL, '--no-model-ema', experiment='labels') == 0
+    assert run_train(shapes, output, '--no-model-ema', experiment='labels') == 0
     return output
 
 
@@ -143,7 +145,7 @@ def test_an_export_folder_teaches_as_its_checkpoint_does(shapes, teacher, tmp_pa
     assert export.main(['--checkpoint', str(teacher), '--out', str(tmp_path / 'export')]) == 0
     logits = []
     for spec in (str(teacher), f"local-dir:{tmp_path / 'export'}"):
-        config = parse_config(run_args(shapes, tmp_path, *MODEL, '--kd-teacher', spec))
+        config = parse_config(run_args(shapes, tmp_path, '--kd-teacher', spec))
         t = train.build_trainer(config, Processes(0, 1, 0, torch.device('cpu')), BatchLayout.create(4, 1, None),
                                 train.build_model(config, 10), 10, steps_per_epoch=5)
         torch.manual_seed(0)
@@ -166,8 +168,8 @@ def test_a_teacher_that_cannot_teach_is_refused_in_one_line(shapes, teacher, tmp
     # as on a machine without the network, without waiting for connections to time out
     monkeypatch.setattr('huggingface_hub.constants.HF_HUB_OFFLINE', True)
     twelve = tmp_path / 'twelve.pth.tar'
-    torch.save(dict(state_dict=create_model('resnet18', num_classes=12).state_dict(),
-                    config=dict(model='resnet18', num_classes=12)), twelve)
+    torch.save(dict(state_dict=create_model(MODEL, num_classes=12).state_dict(),
+                    config=dict(model=MODEL, num_classes=12)), twelve)
     flags = [{'TEACHER': str(teacher), 'TWELVE_CLASSES': str(twelve)}.get(f, f) for f in flags]
     assert run_train(shapes, tmp_path, *flags) == 2
     err = capsys.readouterr().err.strip()
@@ -176,7 +178,7 @@ def test_a_teacher_that_cannot_teach_is_refused_in_one_line(shapes, teacher, tmp
 
 def test_dry_run_counts_the_teachers_forward_in_the_time_per_image(shapes, teacher, capsys):
     def expected_time(*flags):
-        assert train.main([*run_args(shapes, shapes.parent / 'unused', *MODEL), '--throughput', '10',
+        assert train.main([*run_args(shapes, shapes.parent / 'unused'), '--throughput', '10',
                            '--num-classes', '10', *flags, '--dry-run']) == 0
         return capsys.readouterr().out
     plain, taught = expected_time(), expected_time('--kd-teacher', str(teacher))

@@ -23,7 +23,7 @@ from training.data import create_eval_loader, open_image_folder
 from training.distributed import Processes
 from training.engine import evaluate
 
-from conftest import REPO, TINY, load, summary
+from conftest import REPO, TINY, load, run_captured, summary
 
 # Both sides run one thread per process (torchrun's default), so their kernels sum in the same order. A 1-process run
 # with two accumulated micro-batches of 8 sees the same micro-batches, augmentation and BN statistics as 2 processes
@@ -43,10 +43,9 @@ def torchrun(data, output, *args, experiment='run') -> subprocess.Popen:
                             env={**os.environ, **ONE_THREAD})
 
 
-def one_process(data, output, *args, experiment='run') -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / 'train.py'), '--data-dir', str(data), '--output', str(output),
-               '--experiment', experiment, *TINY, *MIXED, '--max-batch-per-device', '8', *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ONE_THREAD})
+def one_process(data, output) -> tuple:
+    """The same run in this test's process (one thread, as the conftest sets), by accumulation: (exit code, output)."""
+    return run_captured(data, output, *MIXED, '--max-batch-per-device', '8')
 
 
 def step_losses(run_dir: Path) -> list:
@@ -60,9 +59,9 @@ def runs(shapes, tmp_path_factory):
     proc = torchrun(shapes, output, experiment='two')
     log = proc.communicate()[0]
     assert proc.returncode == 0, log
-    single = one_process(shapes, output, experiment='one')
-    assert single.returncode == 0, single.stdout + single.stderr
-    return output / 'two', output / 'one'
+    rc, log = one_process(shapes, output / 'one')
+    assert rc == 0, log
+    return output / 'two', output / 'one' / 'run'
 
 
 def test_two_processes_equal_one_process_step_by_step(runs):
@@ -137,10 +136,10 @@ def test_sigterm_to_one_rank_saves_once_and_resumes_on_one_process(shapes, tmp_p
     assert len(saved) == 1 and re.fullmatch(r'recovery-1-[2-5]\.pth\.tar', saved[0])
     before = load(tmp_path / 'run' / saved[0])['progress']
     assert before['device_seconds'] == pytest.approx(2 * before['seconds'])
-    resumed = one_process(shapes, tmp_path)
-    assert resumed.returncode == 0, resumed.stdout
-    assert f'Resuming {tmp_path}/run/{saved[0]}' in resumed.stdout
-    assert 'global batch 16 = 1 x 2 x 8' in resumed.stdout
+    rc, log = one_process(shapes, tmp_path)
+    assert rc == 0, log
+    assert f'Resuming {tmp_path}/run/{saved[0]}' in log
+    assert 'global batch 16 = 1 x 2 x 8' in log
     final, expected = load(tmp_path / 'run' / 'last.pth.tar'), load(two / 'last.pth.tar')
     for key in ('state_dict', 'state_dict_ema'):
         for name, tensor in expected[key].items():
@@ -167,7 +166,7 @@ def free_port() -> int:
 def evaluate_shard(rank: int, world_size: int, port: int, data: str, results: dict):
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
     torch.manual_seed(0)
-    model = timm.create_model('resnet18', num_classes=10)  # any model: the counting is checked
+    model = timm.create_model('test_resnet', num_classes=10)  # any model: the counting is checked
     dataset = open_image_folder(Path(data), 'validation')
     cfg = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
     loader = create_eval_loader(dataset, cfg, 8, 0, torch.device('cpu'), rank, world_size)
@@ -181,9 +180,9 @@ def test_distributed_validation_counts_each_image_once(tmp_path):
         extra.unlink()  # 47 images: not a multiple of 2 or 3 processes
     with mp.Manager() as manager:
         results = manager.dict()
-        for world_size in (1, 2, 3):
+        for world_size in (1, 2, 3):  # forked: a spawned process imports torch and timm again, 3 s each
             mp.start_processes(evaluate_shard, args=(world_size, free_port(), str(data), results),
-                               nprocs=world_size, start_method='spawn')
+                               nprocs=world_size, start_method='fork')
             assert results[0]['images'] == sum(results[0]['class_images']) == 47
             if world_size == 1:
                 single = dict(results[0])

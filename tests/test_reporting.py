@@ -18,7 +18,7 @@ from PIL import Image
 from tools import compare
 from training import reporting
 
-from conftest import REPO, TINY, load, run_train, summary
+from conftest import MODEL, REPO, TINY, load, run_train, summary
 from wandb_records import artifacts, read_run
 
 SUMMARY_KEYS = ('train_loss', 'lr', 'val_loss', 'val_top1', 'val_top5', 'ema_val_loss', 'ema_val_top1',
@@ -71,7 +71,7 @@ def test_wandb_run_holds_the_summary_rows_and_a_resume_continues_it(shapes, tmp_
     first, resumed = wandb_runs(tmp_path / 'run')
     assert resumed['id'] == first['id']  # the id travels in the checkpoint
     assert (first['name'], first['group'], first['tags']) == ('run', 'tests', ['tiny', 'cpu'])
-    assert first['config']['lr'] == 1e-3 and first['config']['model'] == 'resnet18'
+    assert first['config']['lr'] == 1e-3 and first['config']['model'] == MODEL
     assert first['config']['environment']['world_size'] == 1
     assert set(first['config']['versions']) == {'torch', 'timm', 'git'}
     assert (first['config']['decode'], first['config']['cpu_decode_share']) == ('cpu', None)  # decode: auto's choice

@@ -13,9 +13,10 @@ import yaml
 import train
 import validate
 from training import builtin_data, checkpoint
-from training.reporting import TIMING_COLUMNS
+from training.reporting import TIMING_COLUMNS, best_of
 
-from conftest import assert_same_weights, load, run_train, spawn_train, summary
+import conftest
+from conftest import MODEL, assert_same_weights, load, run_train, summary
 
 # workers, Mixup/CutMix, random erasing, drop path and EMA on; a recovery checkpoint every 2 of the 10 steps
 EXACT = ['-j', '1', '--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5', '--drop-path-rate', '0.1',
@@ -23,16 +24,11 @@ EXACT = ['-j', '1', '--mixup', '0.4', '--cutmix', '1.0', '--re-prob', '0.5', '--
 
 
 def run_until(data, output, pattern, sig, *args):
-    """Start train.py, send `sig` once a log line matches `pattern`, and return (exit code, output)."""
-    proc = spawn_train(data, output, *EXACT, *args)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if pattern and re.search(pattern, line):
-            os.kill(proc.pid, sig)
-            break
-    lines.append(proc.stdout.read())
-    return proc.wait(), ''.join(lines)
+    return conftest.run_until(data, output, pattern, sig, *EXACT, *args)
+
+
+def run_here(data, output, *args):
+    return conftest.run_captured(data, output, *EXACT, *args)
 
 
 def assert_same_run(run_dir, reference):
@@ -49,7 +45,7 @@ def assert_same_run(run_dir, reference):
 @pytest.fixture(scope='module')
 def reference(shapes, tmp_path_factory):
     output = tmp_path_factory.mktemp('reference')
-    rc, log = run_until(shapes, output, None, None)
+    rc, log = run_here(shapes, output)
     assert rc == 0, log
     return output / 'run'
 
@@ -73,7 +69,7 @@ def test_sigkill_at_three_moments_then_rerun_is_bit_exact(shapes, tmp_path, refe
     for moment in moments:
         rc, log = run_until(shapes, tmp_path, moment, signal.SIGKILL)
         assert rc == -signal.SIGKILL, log
-    rc, log = run_until(shapes, tmp_path, None, None)
+    rc, log = run_here(shapes, tmp_path)
     assert rc == 0, log
     assert 'Resuming' in log
     assert_same_run(tmp_path / 'run', reference)
@@ -90,7 +86,7 @@ def test_sigterm_saves_a_recovery_checkpoint_and_exits_75_and_the_cost_adds_up_a
     assert state['progress']['epoch'] == 1 and state['progress']['step'] >= 3
     spent_before = state['progress']['device_seconds']
     assert spent_before == pytest.approx(state['progress']['seconds']) and spent_before > 0  # one process
-    rc, log = run_until(shapes, tmp_path, None, None, *price)
+    rc, log = run_here(shapes, tmp_path, *price)
     assert rc == 0 and f'Resuming {tmp_path}/run/{saved}.pth.tar' in log
     assert_same_run(tmp_path / 'run', reference)
     rows = summary(tmp_path / 'run')
@@ -102,18 +98,6 @@ def test_sigterm_saves_a_recovery_checkpoint_and_exits_75_and_the_cost_adds_up_a
                                                                                            3 * total))
     assert rows[1]['gpu_hours'] * 3600 > spent_before
     assert f"; {total:.3f} CPU-hours, ${3 * total:,.2f}" in log.split('Finished: ')[1].splitlines()[0]
-
-
-def test_truncated_last_checkpoint_falls_back_to_the_previous_with_a_warning(shapes, tmp_path, reference):
-    subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)  # keeps the hard links
-    last = tmp_path / 'run' / 'last.pth.tar'
-    with open(last, 'r+b') as f:  # truncated in place: its hard links (checkpoint-1, model_best) with it
-        f.truncate(last.stat().st_size // 2)
-    rc, log = run_until(shapes, tmp_path, None, None)
-    assert rc == 0, log
-    assert 'WARNING: skipping checkpoint last.pth.tar' in log
-    assert re.search(r'Resuming \S+previous.pth.tar: epoch 1, step 0/5', log)
-    assert_same_run(tmp_path / 'run', reference)
 
 
 def test_changed_recipe_is_refused_with_its_differences_unless_allowed(shapes, tmp_path, capsys):
@@ -131,7 +115,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_or_class_count(shapes, tmp
     assert run_train(shapes, tmp_path, '--epochs', '1', '--model', 'resnet50_custom', experiment='other') == 0
     other = tmp_path / 'other' / 'last.pth.tar'
     assert run_train(shapes, tmp_path, '--epochs', '1', '--resume', str(other)) == 2
-    assert 'holds resnet50_custom with 10 classes; this run trains resnet18 with 10 classes' in capsys.readouterr().err
+    assert f'holds resnet50_custom with 10 classes; this run trains {MODEL} with 10 classes' in capsys.readouterr().err
     five = builtin_data.generate(tmp_path / 'five', train_per_class=4, val_per_class=1, image_size=32)
     for name in builtin_data.CLASSES[5:]:
         shutil.rmtree(five / 'train' / name)
@@ -147,7 +131,7 @@ def test_a_finished_run_keeps_no_recovery_files_and_its_rerun_changes_nothing(sh
         (reference / 'log.txt').read_text()
     subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)
     last = (tmp_path / 'run' / 'last.pth.tar').read_bytes()
-    rc, log = run_until(shapes, tmp_path, None, None)
+    rc, log = run_here(shapes, tmp_path)
     assert rc == 0 and f'The run in {tmp_path}/run is finished (2 epochs): nothing left to train' in log, log
     best = f'{tmp_path}/run/model_best.pth.tar'  # the end says where the model is, and what to do with it
     assert f'Best model: {best}. Next: python validate.py --checkpoint {best}; python tools/export.py' in log
@@ -189,7 +173,7 @@ def test_start_over_needs_the_flag_and_then_begins_afresh(shapes, tmp_path):
 
 def test_explicit_resume_path_continues_from_that_checkpoint(shapes, tmp_path, reference):
     shutil.copytree(reference, tmp_path / 'old')
-    rc, log = run_until(shapes, tmp_path, None, None, '--resume', str(tmp_path / 'old' / 'previous.pth.tar'))
+    rc, log = run_here(shapes, tmp_path, '--resume', str(tmp_path / 'old' / 'previous.pth.tar'))
     assert rc == 0 and 'Resuming' in log and 'epoch 1, step 0/5' in log
     assert_same_run(tmp_path / 'run', reference)
 
@@ -200,7 +184,7 @@ def test_initial_checkpoint_starts_a_new_schedule_from_its_weights(shapes, tmp_p
                      str(reference / 'last.pth.tar'), '--initial-weights', 'raw', '--no-model-ema') == 0
     state = load(tmp_path / 'run' / 'last.pth.tar')
     assert state['progress']['global_step'] == 5 and len(state['progress']['history']) == 1
-    for name in ('conv1.weight', 'layer4.1.conv2.weight', 'fc.weight'):
+    for name in ('conv1.0.weight', 'layer4.0.conv2.weight', 'fc.weight'):
         assert torch.allclose(state['state_dict'][name], source['state_dict'][name], atol=1e-6)
 
 
@@ -215,18 +199,21 @@ def test_ema_top1_after_an_interruption_equals_the_logged_value(shapes, tmp_path
     assert logged == summary(reference)[0]['ema_val_top1']
 
 
-def test_previous_protects_the_run_when_last_and_its_hard_links_are_damaged(shapes, tmp_path, reference):
-    """`last`, `checkpoint-E` and `model_best` are hard links to one file: damage to it damages all three. `previous`
-    is the epoch before, another file, so the run resumes from it."""
+def test_a_truncated_last_checkpoint_and_its_hard_links_fall_back_to_previous_with_a_warning(shapes, tmp_path,
+                                                                                            reference):
+    """`last` shares its file with the other names of its epoch (`model_best` when that epoch was the best): damage to
+    it damages them all. `previous` is the epoch before, another file, so the run resumes from it."""
     subprocess.run(['cp', '-a', str(reference), str(tmp_path / 'run')], check=True)  # keeps the hard links
     run_dir = tmp_path / 'run'
-    last = run_dir / 'last.pth.tar'
-    assert last.stat().st_ino == (run_dir / 'model_best.pth.tar').stat().st_ino
-    assert last.stat().st_ino != (run_dir / 'previous.pth.tar').stat().st_ino
-    with open(last, 'r+b') as f:
+    last, previous = run_dir / 'last.pth.tar', run_dir / 'previous.pth.tar'
+    best_epoch = best_of(summary(run_dir), 'top1')[2]
+    assert (run_dir / 'model_best.pth.tar').stat().st_ino == (last if best_epoch == 1 else previous).stat().st_ino
+    assert last.stat().st_ino != previous.stat().st_ino
+    with open(last, 'r+b') as f:  # truncated in place, with its hard links
         f.truncate(last.stat().st_size // 2)
-    rc, log = run_until(shapes, tmp_path, None, None)
+    rc, log = run_here(shapes, tmp_path)
     assert rc == 0, log
+    assert 'WARNING: skipping checkpoint last.pth.tar' in log
     assert re.search(r'Resuming \S+previous.pth.tar: epoch 1, step 0/5', log)
     assert_same_run(run_dir, reference)
 
@@ -363,11 +350,11 @@ def test_the_device_path_resumes_exactly_and_decode_auto_keeps_the_checkpoints_c
     uninterrupted run ends."""
     one_epoch = ('--epochs', '1', '--recovery-interval', '1')
     gpu = ('--decode', 'gpu', '--cpu-decode-share', '0.5', *one_epoch)
-    rc, log = run_until(shapes, tmp_path / 'reference', None, None, *gpu)
+    rc, log = run_here(shapes, tmp_path / 'reference', *gpu)
     assert rc == 0, log
     rc, log = run_until(shapes, tmp_path, r'epoch 0 step 3/5', signal.SIGKILL, *gpu)
     assert rc == -signal.SIGKILL, log
-    rc, log = run_until(shapes, tmp_path, None, None, *one_epoch)
+    rc, log = run_here(shapes, tmp_path, *one_epoch)
     assert rc == 0 and re.search(r'Resuming \S+recovery-0-\d.pth.tar', log), log
     assert 'Input path: decode gpu, cpu_decode_share 0.5 (kept from the checkpoint' in log
     assert_same_run(tmp_path / 'run', tmp_path / 'reference' / 'run')
@@ -375,7 +362,7 @@ def test_the_device_path_resumes_exactly_and_decode_auto_keeps_the_checkpoints_c
 
 
 def test_decode_auto_on_a_cpu_device_is_the_cpu_path_bit_for_bit(shapes, tmp_path, reference):
-    rc, log = run_until(shapes, tmp_path, None, None, '--decode', 'cpu')
+    rc, log = run_here(shapes, tmp_path, '--decode', 'cpu')
     assert rc == 0, log
     assert_same_run(tmp_path / 'run', reference)
     saved = yaml.safe_load((reference / 'config.yaml').read_text())

@@ -18,32 +18,21 @@ from training.data import SWA_BN, BatchLayout, build_loaders, derive_seed, locat
 from training.distributed import Processes
 from training.reporting import TIMING_COLUMNS, ranking_metric
 
-from conftest import assert_same_weights, lr_schedule, load, run_train, spawn_train, summary
+from conftest import assert_same_weights, load, lr_schedule, run_captured, run_train, run_until, summary
 
-# resnet18, which has what SWA touches (BatchNorm, drop path) at half the time of resnet50_custom per run. 3 epochs of
-# 5 steps, averaged from epoch 1 on, with the lr annealed to swa_lr; a worker, drop path and a recovery checkpoint every
-# 2 steps, so that the resume test has what makes an exact resume hard
-SWA = ['--model', 'resnet18', '--epochs', '3', '--swa-start-epoch', '1', '--swa-lr', '5.0e-4', '--swa-bn-batches', '2',
+# TINY's model, which has what SWA touches (BatchNorm, drop path). 3 epochs of 5 steps, averaged from epoch 1 on, with
+# the lr annealed to swa_lr; a worker, drop path and a recovery checkpoint every 2 steps, so that the resume test has
+# what makes an exact resume hard
+SWA = ['--epochs', '3', '--swa-start-epoch', '1', '--swa-lr', '5.0e-4', '--swa-bn-batches', '2',
        '-j', '1', '--drop-path-rate', '0.1', '--recovery-interval', '2', '--checkpoint-hist', '3', '--deterministic']
 
 
-def run_until(data, output, pattern, sig):
-    """Start train.py with SWA, send `sig` once a log line matches `pattern`, and return (exit code, output)."""
-    proc = spawn_train(data, output, *SWA)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if pattern and re.search(pattern, line):
-            proc.send_signal(sig)
-            break
-    lines.append(proc.stdout.read())
-    return proc.wait(), ''.join(lines)
 
 
 @pytest.fixture(scope='module')
 def reference(shapes, tmp_path_factory):
     output = tmp_path_factory.mktemp('swa')
-    rc, log = run_until(shapes, output, None, None)
+    rc, log = run_captured(shapes, output, *SWA)
     assert rc == 0, log
     return output / 'run'
 
@@ -180,15 +169,15 @@ def test_swa_lr_anneals_from_the_schedules_lr_as_torchs_swalr_step_by_step(sched
 
 def test_interrupted_twice_and_rerun_the_swa_weights_are_bit_identical(shapes, tmp_path, reference):
     # SIGTERM while epoch 1's evaluation is pending: the recovery checkpoint holds the SWA update of its last step
-    rc, log = run_until(shapes, tmp_path, r'epoch 1 step 5/5', signal.SIGTERM)
+    rc, log = run_until(shapes, tmp_path, r'epoch 1 step 5/5', signal.SIGTERM, *SWA)
     assert rc == train.EXIT_INTERRUPTED, log
     assert 'Saving recovery checkpoint recovery-1-5' in log
     saved = load(tmp_path / 'run' / 'recovery-1-5.pth.tar')
     assert (saved['progress']['step'], saved['swa_n_averaged']) == (5, 1)
     # SIGKILL mid-epoch 2: resumed from recovery-2-2, or from epoch 1's end when the kill cut that save short
-    rc, log = run_until(shapes, tmp_path, r'epoch 2 step 3/5', signal.SIGKILL)
+    rc, log = run_until(shapes, tmp_path, r'epoch 2 step 3/5', signal.SIGKILL, *SWA)
     assert rc == -signal.SIGKILL, log
-    rc, log = run_until(shapes, tmp_path, None, None)
+    rc, log = run_captured(shapes, tmp_path, *SWA)
     assert rc == 0 and re.search(r'Resuming \S+(recovery-2-2|last).pth.tar: epoch 2', log), log
 
     final, expected = load(tmp_path / 'run' / 'last.pth.tar'), load(reference / 'last.pth.tar')

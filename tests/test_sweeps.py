@@ -15,7 +15,7 @@ import train
 from training.config import BY_NAME
 from training.reporting import best_of
 
-from conftest import REPO, load, summary
+from conftest import MODEL, REPO, load, summary
 from wandb_records import read_run
 
 SWEEPS = sorted((REPO / 'sweeps').glob('*.yaml'))
@@ -44,9 +44,9 @@ def agent_env(folder, run_id: str, params: dict) -> dict:
 
 def trial_params(shapes, output, lr: float) -> dict:
     """The quickstart sweep's parameter, and the test's own as sweep parameters too (the agent passes them the same
-    way): a tiny run of resnet18, 2 epochs of 5 steps, with the spellings the agent uses for booleans, lists and
+    way): a tiny run of TINY's model, 2 epochs of 5 steps, with the spellings the agent uses for booleans, lists and
     null."""
-    return dict(lr=lr, model='resnet18', data_dir=str(shapes), output=str(output), epochs=2, batch_size=16,
+    return dict(lr=lr, model=MODEL, data_dir=str(shapes), output=str(output), epochs=2, batch_size=16,
                 warmup_epochs=0, log_interval=1, workers=0, model_ema=True, scale=[0.5, 1.0], num_classes=None,
                 recovery_interval=2)
 

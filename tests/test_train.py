@@ -14,7 +14,7 @@ from training import builtin_data
 from training.config import parse_config
 from training.reporting import SUMMARY_COLUMNS, TIMING_COLUMNS
 
-from conftest import assert_same_weights, load, run_args, run_train, summary
+from conftest import MODEL, assert_same_weights, load, run_args, run_train, summary
 
 
 @pytest.fixture(scope='module')
@@ -42,9 +42,9 @@ def test_two_epochs_write_checkpoints_and_summary_rows(two_epochs):
 
 def test_checkpoint_is_timm_layout_with_plain_config_and_distinct_ema(two_epochs):
     state = load(two_epochs / 'last.pth.tar')  # weights_only=True: nothing pickled
-    assert state['arch'] == 'resnet18' and state['epoch'] == 1 and state['version'] == 2
+    assert state['arch'] == MODEL and state['epoch'] == 1 and state['version'] == 2
     assert {'state_dict', 'state_dict_ema', 'optimizer', 'metric', 'saver', 'config', 'progress'} <= set(state)
-    assert state['config']['model'] == 'resnet18' and state['config']['batch_size'] == 16
+    assert state['config']['model'] == MODEL and state['config']['batch_size'] == 16
     assert yaml.safe_load((two_epochs / 'config.yaml').read_text()) == state['config']
     assert state['progress']['epoch'] == 2 and state['progress']['global_step'] == 10
     raw, ema = state['state_dict'], state['state_dict_ema']
@@ -89,15 +89,15 @@ def test_mixing_path_trains_with_bce_random_erasing_drop_path_and_clipping(shape
 
 
 def test_builtin_data_run_learns(tmp_path):
-    """The input pipeline, loss and schedule learn the shapes (resnet18: the same path at a fifth of the cost)."""
+    """The input pipeline, loss and schedule learn the shapes."""
     data = builtin_data.generate(tmp_path / 'shapes', seed=1, train_per_class=50, val_per_class=20, image_size=32)
-    rc = run_train(data, tmp_path, '--model', 'resnet18', '--epochs', '8', '-b', '32', '--lr', '2.0e-3',
+    rc = run_train(data, tmp_path, '--epochs', '8', '-b', '32', '--lr', '1.0e-2',
                    '--warmup-epochs', '1',
                    '--scale', '0.6', '1.0', '--color-jitter', '0.2', '-j', '1', '--no-model-ema',
                    '--log-interval', '10')
     assert rc == 0
     rows = summary(tmp_path / 'run')
-    assert max(r['val_top1'] for r in rows) >= 45.0  # chance is 10%
+    assert max(r['val_top1'] for r in rows) >= 70.0  # chance is 10%
 
 
 def test_nonfinite_loss_stops_and_leaves_the_last_good_checkpoint(shapes, tmp_path, capsys):
@@ -157,12 +157,12 @@ def test_a_disk_full_at_the_start_is_one_line_and_exit_74(shapes, tmp_path, caps
 
 
 def test_torch_compile_trains_and_saves_clean_state_dicts(shapes, tmp_path):
-    # resnet18: inductor compiles its smaller graph in a fraction of ResNet-50's time; the wrapping is the same
-    assert run_train(shapes, tmp_path, '--epochs', '1', '--torchcompile', '--model', 'resnet18') == 0
+    # TINY's model: inductor compiles its small graph in a fraction of ResNet-50's time; the wrapping is the same
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--torchcompile') == 0
     state = load(tmp_path / 'run' / 'last.pth.tar')
     for key in ('state_dict', 'state_dict_ema'):
         assert not [k for k in state[key] if k.startswith(('_orig_mod.', 'module.'))]
-    assert state['state_dict'].keys() == timm.create_model('resnet18').state_dict().keys()
+    assert state['state_dict'].keys() == timm.create_model(MODEL).state_dict().keys()
     assert summary(tmp_path / 'run')[0]['train_loss'] < 10
 
 
@@ -178,10 +178,11 @@ def test_batch_size_override_rescales_lr_and_says_so(shapes, tmp_path):
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
 def test_mixed_precision_and_channels_last(shapes, tmp_path, dtype):
-    # resnet18 at 16 px: the CPU's float16 backward is slow (a ResNet-50 step of 16 images of 32 px: 12.5 s, resnet18
-    # at 16 px: 1.6 s), and the path is the same for any model and size
-    assert run_train(shapes, tmp_path, '--epochs', '1', '--model', 'resnet18', '--img-size', '16', '--amp',
-                     '--amp-dtype', dtype, '--channels-last', '--clip-grad', '1.0') == 0
+    # TINY's model: the CPU's float16 backward is slow (a ResNet-50 step of 16 images of 32 px:
+    # 12.5 s), and the path is the same for any model. Not at 16 px: layer4's stride-2 conv then gets a 1x1 input, and
+    # torch 2.14's CPU bfloat16 weight gradient of that reads memory it never wrote (NaN after a test freed NaNs there)
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--amp', '--amp-dtype', dtype, '--channels-last',
+                     '--clip-grad', '1.0') == 0
     state = load(tmp_path / 'run' / 'last.pth.tar')
     assert ('amp_scaler' in state) == (dtype == 'float16')  # the grad scaler, for float16 only
     assert all(torch.isfinite(v).all() for v in state['state_dict'].values() if v.is_floating_point())
@@ -191,7 +192,7 @@ def test_mixed_precision_and_channels_last(shapes, tmp_path, dtype):
 @pytest.mark.parametrize('opt, fused', [('adamw', True), ('momentum', True), ('sgd', True), ('lamb', False)])
 def test_optimizer_is_timms_update_fused_where_torch_has_a_fused_kernel(opt, fused):
     """Three steps of build_optimizer's optimizer and of timm's factory's, from the same gradients: the same weights."""
-    config = parse_config(['--model', 'resnet18', '--opt', opt, '--lr', '0.05', '--weight-decay', '0.05'])
+    config = parse_config(['--model', MODEL, '--opt', opt, '--lr', '0.05', '--weight-decay', '0.05'])
     models = [train.build_model(config, 10) for _ in range(2)]
     ours = train.build_optimizer(config, models[0])
     reference = timm.optim.create_optimizer_v2(models[1], opt=opt, lr=0.05, weight_decay=0.05,

@@ -11,7 +11,7 @@ from training import builtin_data
 from training.distributed import Processes
 from training.engine import evaluate
 
-from conftest import load, run_train, summary
+from conftest import MODEL, load, run_train, summary
 
 
 @pytest.fixture(scope='module')
@@ -55,7 +55,7 @@ def test_plain_state_dict_with_model_name(trained, tmp_path, shapes, capsys):
     assert run_validate('--checkpoint', str(plain), '--data-dir', str(shapes), '--img-size', '32', '--crop-pct', '1.0',
                         '--results-file', str(out)) == 2
     assert 'plain state dict: pass --model' in capsys.readouterr().err
-    assert run_validate('--checkpoint', str(plain), '--model', 'resnet18', '--data-dir', str(shapes),
+    assert run_validate('--checkpoint', str(plain), '--model', MODEL, '--data-dir', str(shapes),
                         '--img-size', '32', '--crop-pct', '1.0', '--results-file', str(out)) == 0
     assert json.loads(out.read_text())['top1'] == pytest.approx(summary(trained)[-1]['val_top1'], abs=0.01)
 
@@ -157,7 +157,7 @@ def five_classes(tmp_path):
     (lambda t, s, tmp: ['--checkpoint', str(t)], 'is a directory, not a checkpoint file'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'config.yaml')], 'is not a PyTorch checkpoint'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--model', 'resnet50_custom'],
-     'holds resnet18, not resnet50_custom'),
+     f'holds {MODEL}, not resnet50_custom'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(flat_folder(tmp, s))],
      'holds images but no class folders'),
     (lambda t, s, tmp: ['--checkpoint', str(t / 'last.pth.tar'), '--data-dir', str(tmp / 'nowhere')],

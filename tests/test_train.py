@@ -100,6 +100,13 @@ def test_builtin_data_run_learns(tmp_path):
     assert max(r['val_top1'] for r in rows) >= 70.0  # chance is 10%
 
 
+def test_deterministic_mode_is_each_runs_own_setting_in_one_process(shapes, tmp_path):
+    assert run_train(shapes, tmp_path, '--epochs', '1', '--deterministic', experiment='exact') == 0
+    assert torch.are_deterministic_algorithms_enabled()
+    assert run_train(shapes, tmp_path, '--epochs', '1', experiment='fast') == 0
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_nonfinite_loss_stops_and_leaves_the_last_good_checkpoint(shapes, tmp_path, capsys):
     assert run_train(shapes, tmp_path, '--epochs', '1') == 0
     last = tmp_path / 'run' / 'last.pth.tar'

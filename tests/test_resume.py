@@ -64,7 +64,7 @@ def test_sigkill_at_three_moments_then_rerun_is_bit_exact(shapes, tmp_path, refe
     moments = [
         r'epoch 0 step 3/5',  # mid-epoch, one step after a recovery checkpoint
         r'epoch 0 step 5/5',  # at the epoch boundary, before its evaluation and checkpoint
-        r'Saving recovery checkpoint recovery-1-1',  # while a checkpoint is written
+        r'Saving recovery checkpoint recovery-1-1',  # as a save starts (the kill lands before its file is written)
     ]
     for moment in moments:
         rc, log = run_until(shapes, tmp_path, moment, signal.SIGKILL)

@@ -11,7 +11,6 @@ Exit codes: 0 finished, 1 crashed, 2 bad input, 3 non-finite loss, 74 the newest
 permissions: free space and run the same command again), 75 interrupted by a signal after saving (run the same
 command again to continue), 128+N a second signal N (exit without saving).
 """
-import argparse
 import dataclasses
 import errno
 import itertools
@@ -607,8 +606,7 @@ def export_model(run_dir: Path) -> Path:
     final, new, old = run_dir / 'model', run_dir / 'model.tmp', run_dir / 'model.old'
     for leftover in (new, old):  # of an export cut short
         shutil.rmtree(leftover, ignore_errors=True)
-    export.export(argparse.Namespace(checkpoint=str(run_dir / 'model_best.pth.tar'), out=str(new), weights=None,
-                                     onnx=False))
+    export.export(str(run_dir / 'model_best.pth.tar'), new)
     if final.exists():
         final.rename(old)
     new.rename(final)
@@ -889,6 +887,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's train split (ILSVRC 2012), wh
 
 def hours_text(hours: float) -> str:
     return f'{hours:,.1f}' if hours >= 1 else f'{hours:.2g}'
+
 
 def count_train_images(config: dict) -> tuple:
     """(training images or None, where the number comes from or why it is missing), opening no more than needed."""

@@ -224,19 +224,19 @@ def export_onnx(model: torch.nn.Module, data_cfg: dict, path: Path) -> str:
     return f'checked with onnxruntime: logits within {difference:.2g} of PyTorch'
 
 
-def export(args) -> Path:
-    out = Path(args.out)
+def export(checkpoint: str, out: Path, weights: Optional[str] = None, onnx: bool = False) -> Path:
+    """Write the export folder `out` of a checkpoint (weights: None for those that earned it its metric)."""
     check_folder(out)
-    if args.onnx:
+    if onnx:
         check_onnx_packages()
-    classifier, state, weights = checkpoint_classifier(args.checkpoint, args.weights)
+    classifier, state, weights = checkpoint_classifier(checkpoint, weights)
     model = classifier.model.eval()
     architecture = model.pretrained_cfg['architecture']
     own_architecture = type(model).__module__.split('.')[0] == 'model_defs'
-    run_dir = Path(args.checkpoint).resolve().parent
+    run_dir = Path(checkpoint).resolve().parent
     clear_earlier_export(out)
     out.mkdir(parents=True, exist_ok=True)
-    export_info = dict(tool=MARKER, checkpoint=str(args.checkpoint), weights=weights, epoch=state.get('epoch'))
+    export_info = dict(tool=MARKER, checkpoint=str(checkpoint), weights=weights, epoch=state.get('epoch'))
     step = mid_epoch_step(state)
     if step is not None:
         export_info['step'] = step  # of a mid-epoch checkpoint
@@ -257,14 +257,15 @@ def export(args) -> Path:
     (out / 'README.md').write_text(model_card(state, weights, classifier.data_cfg, run_dir, architecture, imagenet,
                                               own_architecture))
     print(f'export.py: {architecture} ({weights_described(state, weights)}) written to {out}')
-    if args.onnx:
+    if onnx:
         print(f'export.py: {out / "model.onnx"}: {export_onnx(model, classifier.data_cfg, out / "model.onnx")}')
     return out
 
 
 def main(argv=None) -> int:
     try:
-        export(parse_args(argv))
+        args = parse_args(argv)
+        export(args.checkpoint, Path(args.out), args.weights, args.onnx)
     except UserError as e:
         print(f'export.py: error: {e}', file=sys.stderr)
         return 2

@@ -647,8 +647,9 @@ def parse_config(argv: Optional[list] = None) -> dict:
         config[key] = _check_value(BY_NAME[key], value, 'command line')
 
     config['experiment'] = config['experiment'] or config['recipe'] or config['model']
-    if sweep_trial():  # each trial in its own run folder, named after its W&B run: a re-run of it continues it
-        sweep, run = sweep_trial()
+    trial = sweep_trial()
+    if trial is not None:  # each trial in its own run folder, named after its W&B run: a re-run of it continues it
+        sweep, run = trial
         config['output'] = str(Path(config['output']) / f"{config['experiment']}-sweep-{sweep}")
         config['experiment'] = run
     if timm_run and (run_folder_of(config) / 'args.yaml').is_file():

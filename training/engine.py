@@ -30,6 +30,13 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def copy_mean_over_ranks(targets: list, sources: list, procs: Processes, divisor: int = 1):
+    """targets[i] = the mean over processes of sources[i] / divisor, in float64 and in one collective."""
+    flat = mean_over_ranks(torch.cat([s.double().flatten() for s in sources]) / divisor, procs)
+    for target, mean in zip(targets, flat.split([t.numel() for t in targets])):
+        target.copy_(mean.view_as(target))
+
+
 class BatchNormSteps:
     """One update of the BatchNorm running statistics per optimizer step: the mean over its micro-batches and
     processes.
@@ -58,10 +65,7 @@ class BatchNormSteps:
         torch._foreach_add_(self.total, self.stats)
 
     def end_step(self, accum: int):
-        flat = torch.cat([t.double().flatten() for t in self.total]) / accum
-        flat = mean_over_ranks(flat, self.procs)
-        for b, mean in zip(self.stats, flat.split([b.numel() for b in self.stats])):
-            b.copy_(mean.view_as(b))
+        copy_mean_over_ranks(self.stats, self.total, self.procs, accum)
 
 
 @torch.no_grad()
@@ -82,9 +86,7 @@ def recompute_batchnorm(model: torch.nn.Module, batches, procs: Processes, amp_d
         update_bn(images(), model)
     if procs.distributed:
         stats = [b for name, b in model.named_buffers() if name.endswith(('running_mean', 'running_var'))]
-        flat = mean_over_ranks(torch.cat([b.double().flatten() for b in stats]), procs)
-        for b, mean in zip(stats, flat.split([b.numel() for b in stats])):
-            b.copy_(mean.view_as(b))
+        copy_mean_over_ranks(stats, stats, procs)
         counts = [b for name, b in model.named_buffers() if name.endswith('num_batches_tracked')]
         torch._foreach_copy_(counts, sum_over_ranks(torch.stack(counts), procs).unbind())
 

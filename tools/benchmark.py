@@ -367,6 +367,13 @@ def not_here(reason):
     raise UserError(reason)
 
 
+def random_teacher(model: str, classes: int, path: Path) -> Path:
+    """A checkpoint of ours of `model` with random weights, for kd_teacher: a teacher's speed, not its knowledge."""
+    torch.save(dict(state_dict=create_model(model, num_classes=classes).state_dict(),
+                    config=dict(model=model, num_classes=classes)), path)
+    return path
+
+
 def pipeline_rows(data: Path, args, device: torch.device, out: Path):
     """Yields the rows one by one as they are measured: eager ceiling, loaders alone, train.py."""
     config = recipe_config(data, args, device)
@@ -377,9 +384,8 @@ def pipeline_rows(data: Path, args, device: torch.device, out: Path):
     if args.kd_teacher:  # the teacher's forward in each step; random weights, saved as a checkpoint of ours
         yield measured(f'step + ModelEmaV3 + teacher {args.kd_teacher} forward, eager', None, lambda: (
             step_ceiling(config, device, args.steps, compiled=False, teacher=args.kd_teacher), f'{args.steps} steps'))
-        teacher, classes = out / 'teacher.pth.tar', len(open_image_folder(data, 'train').reader.class_to_idx)
-        torch.save(dict(state_dict=create_model(args.kd_teacher, num_classes=classes).state_dict(),
-                        config=dict(model=args.kd_teacher, num_classes=classes)), teacher)
+        teacher = random_teacher(args.kd_teacher, len(open_image_folder(data, 'train').reader.class_to_idx),
+                                 out / 'teacher.pth.tar')
         yield measured(f'train.py, decode auto, teacher {args.kd_teacher}', workers,
                        lambda: train_py_speed(config, device, 'auto', out, '--kd-teacher', str(teacher)))
     if args.auto_augment:  # the input paths of an auto-augment recipe: the CPU path, the split, the device's ops
@@ -775,9 +781,7 @@ def methods(args):
     cases = {'plain': [], 'attn_layer: se': ['--attn-layer', 'se']}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.teachers:
-            path = Path(tmp) / f'{name}.pth.tar'
-            torch.save(dict(state_dict=create_model(name, num_classes=10).state_dict(),
-                            config=dict(model=name, num_classes=10)), path)
+            path = random_teacher(name, 10, Path(tmp) / f'{name}.pth.tar')
             cases[f'kd_teacher: {name}'] = ['--kd-teacher', str(path)]
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
